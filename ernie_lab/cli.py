@@ -1,0 +1,66 @@
+"""What the entry scripts share: checking the command line, preparing the runtime, and one tracked MLflow run
+around each stage. Errors a user can fix print as one line; in a multirun they fail only their own job."""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+from omegaconf import DictConfig
+
+from ernie_lab.errors import ErnieLabError
+
+
+def check_cli(argv: list[str] | None = None, config_name: str = "config") -> None:
+    """Unknown config keys fail here, before Hydra starts, with the valid keys listed."""
+    from ernie_lab.config import check_overrides
+    from ernie_lab.reporting import console
+
+    try:
+        check_overrides(sys.argv[1:] if argv is None else argv, config_name)
+    except ErnieLabError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)
+
+
+def quiet_libraries() -> None:
+    """Third-party deprecation chatter and PaddleNLP's INFO lines would bury the progress bars and tables."""
+    import logging
+    import warnings
+
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    logging.getLogger("paddlenlp").setLevel(logging.WARNING)
+    try:
+        from paddlenlp.utils.log import logger
+
+        logger.set_level("WARNING")
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run_stage(stage: str, cfg: DictConfig, body: str) -> Any:
+    """Run `body` ("module:function", imported only after the runtime is set up) inside a tracked run."""
+    from ernie_lab import runtime
+    from ernie_lab.reporting import console
+    from ernie_lab.tracking import tracked_run
+
+    quiet_libraries()
+    try:
+        with tracked_run(cfg, stage) as run:
+            info = runtime.prepare(cfg.runtime, precision=cfg.precision.name if stage == "infer" else None)
+            run.log_params({f"runtime_info.{k}": v for k, v in info.items()})
+            module, func = body.split(":")
+            return getattr(importlib.import_module(module), func)(cfg, run)
+    except ErnieLabError as exc:
+        console.print(f"[bold red]error ({stage}):[/] {exc}")
+        if _in_multirun():
+            raise  # Hydra records this job as failed and runs the rest of the sweep
+        sys.exit(2)

@@ -1,0 +1,136 @@
+"""compress.py's body: run the strategy's steps on the fine-tuned checkpoint and write the export + manifest."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from ernie_lab import artifacts
+from ernie_lab.compression.export import INPUT_NAMES, MODEL_FILE, PARAMS_FILE, export_static, max_abs_diff
+from ernie_lab.errors import ConfigError
+from ernie_lab.inference.batching import batches
+from ernie_lab.modeling import count_parameters, load_finetuned
+from ernie_lab.reporting import console, progress
+from ernie_lab.tasks import build_task
+from ernie_lab.tracking import TrackedRun
+
+STEPS = ("export", "quantize")
+EXPORT_CHECK_SAMPLES = 64
+
+
+def weights_kind(strategy: DictConfig) -> str:
+    """`int8` if the strategy's export holds quantized weights, else `float`."""
+    return "int8" if "quantize" in strategy.steps else "float"
+
+
+def compress(cfg: DictConfig, run: TrackedRun) -> dict:
+    from paddlenlp.transformers import ErnieTokenizer
+
+    unknown = [s for s in cfg.strategy.steps if s not in STEPS]
+    if unknown or not cfg.strategy.steps or cfg.strategy.steps[0] != "export":
+        raise ConfigError(f"strategy.steps={list(cfg.strategy.steps)}: steps start with export and come from {', '.join(STEPS)}")
+    source = artifacts.finetuned_dir(cfg)
+    tokenizer = ErnieTokenizer.from_pretrained(str(source)) if (source / "vocab.txt").is_file() else None
+    if tokenizer is None:
+        raise artifacts.MissingArtifactError(
+            f"no fine-tuned checkpoint at {source}; run `python train.py task={cfg.task.name} model={cfg.model.name}` first"
+        )
+    task = build_task(cfg.task, tokenizer)
+    model = load_finetuned(source, task.model_class())
+    state = artifacts.read_json(source / "training_state.json")
+
+    out_dir = artifacts.export_dir(cfg, cfg.strategy.name)
+    heldout = task.load("heldout")
+    manifest: dict = {
+        "task": cfg.task.name,
+        "model": cfg.model.name,
+        "model_init": cfg.model.init,
+        "strategy": cfg.strategy.name,
+        "steps": list(cfg.strategy.steps),
+        "weights": weights_kind(cfg.strategy),
+        "precisions": ["int8"] if weights_kind(cfg.strategy) == "int8" else ["fp32", "bf16", "fp16"],
+        "source_checkpoint": str(source),
+        "source_checkpoint_metric": state.get("best", {}).get("scores"),
+        "parameters": count_parameters(model),
+        "inputs": list(INPUT_NAMES),
+        "outputs": list(task.output_names),
+        "max_seq_length": int(cfg.task.max_seq_length),
+        "files": [MODEL_FILE, PARAMS_FILE],
+        "library_versions": artifacts.library_versions(),
+    }
+    with artifacts.atomic_dir(out_dir) as work:
+        float_dir = work / "float" if "quantize" in cfg.strategy.steps else work
+        float_dir.mkdir(exist_ok=True)
+        console.print(f"[bold]export[/] {cfg.task.name}/{cfg.model.name} -> static model")
+        export_static(model, float_dir)
+        manifest["export_check"] = check_export(model, task, float_dir, heldout[:EXPORT_CHECK_SAMPLES])
+        if "quantize" in cfg.strategy.steps:
+            manifest["calibration"] = quantize_step(cfg, task, heldout, float_dir, work)
+            shutil.rmtree(float_dir)
+        tokenizer.save_pretrained(str(work))  # the export carries its own vocabulary: infer needs nothing else
+        manifest["file_size_bytes"] = sum((work / f).stat().st_size for f in manifest["files"])
+        manifest["created_at"] = artifacts.now_iso()
+        artifacts.write_json_atomic(work / artifacts.MANIFEST, manifest)
+    run.log_dict(manifest, "manifest.json")
+    run.log_metrics({
+        "export/file_size_mb": manifest["file_size_bytes"] / 2**20,
+        "export/parameters": manifest["parameters"],
+        "export/max_abs_diff_vs_dygraph": manifest["export_check"]["max_abs_diff"],
+    })
+    console.print(f"wrote {out_dir} ({manifest['file_size_bytes'] / 2**20:.1f} MiB, weights {manifest['weights']})")
+    return manifest
+
+
+def check_export(model, task, model_dir: Path, examples: list[dict]) -> dict:
+    """The static model must give the dygraph model's outputs (plain CPU kernels, no oneDNN rewrites)."""
+    from paddle import inference
+
+    from ernie_lab.inference.batching import unbatch
+    from ernie_lab.training import predict_dygraph
+
+    features = task.featurize(examples, training=False)
+    expected = predict_dygraph(model, task, features, 16)
+    config = inference.Config(str(model_dir / MODEL_FILE), str(model_dir / PARAMS_FILE))
+    config.disable_gpu()
+    config.disable_mkldnn()
+    config.disable_glog_info()
+    predictor = inference.create_predictor(config)
+    got = []
+    for chunk in batches(features, 16):
+        batch = task.collate(chunk)
+        for name in INPUT_NAMES:
+            predictor.get_input_handle(name).copy_from_cpu(batch[name])
+        predictor.run()
+        arrays = [predictor.get_output_handle(n).copy_to_cpu() for n in predictor.get_output_names()]
+        got.extend(unbatch(chunk, arrays, task.per_token_outputs))
+    diff = max_abs_diff(expected, got)
+    if not np.isfinite(diff) or diff > 1e-3:
+        raise RuntimeError(f"exported model disagrees with the dygraph model: max |diff| = {diff:.3g}")
+    return {"samples": len(features), "max_abs_diff": diff}
+
+
+def quantize_step(cfg: DictConfig, task, heldout: list[dict], float_dir: Path, out_dir: Path) -> dict:
+    from ernie_lab.compression.quantize import quantize_ptq
+
+    q = cfg.strategy.quantize
+    n = int(q.batch_size) * int(q.batch_nums)
+    if len(heldout) < n:
+        raise ConfigError(
+            f"calibration wants {n} samples (strategy.quantize.batch_size*batch_nums) but the held-out slice "
+            f"has {len(heldout)} (task.data.heldout_size)"
+        )
+    features = task.featurize(heldout[:n], training=False)
+    feeds = [task.collate(chunk) for chunk in batches(features, int(q.batch_size))]
+    # hist/KL read the calibration data twice (range pass, then histogram pass)
+    passes = 2 if q.algo in ("hist", "KL") else 1
+    with progress() as bar:
+        job = bar.add_task(f"calibrate ({q.algo})", total=len(feeds) * passes, info=f"{n} held-out samples")
+        quantize_ptq(float_dir, out_dir, feeds, q, on_batch=lambda: bar.advance(job))
+    return {
+        "split": "heldout",
+        "samples": len(features),
+        "heldout_seed": int(cfg.task.data.heldout_seed),
+        **OmegaConf.to_container(q, resolve=True),
+    }

@@ -1,0 +1,92 @@
+"""Config helpers: the resolvers the YAML files use, flattening for MLflow, and a check of CLI overrides
+that names the valid keys when one is unknown (Hydra's own message does not list them)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ernie_lab.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = PROJECT_ROOT / "conf"
+# Config groups a user picks with `group=option` (everything else is a key).
+GROUPS = ("model", "task", "strategy", "runtime", "precision", "benchmark", "tracking", "paths", "experiment")
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("project_root"):
+        OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+
+register_resolvers()
+
+
+def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; lists become their string form (one MLflow param each)."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+    out: dict[str, Any] = {}
+    for key, value in container.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, prefix=f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group, as a user would type them."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def check_overrides(argv: Iterable[str], config_name: str = "config") -> None:
+    """Fail before Hydra starts if an override names a key that does not exist, listing the keys that do.
+
+    Group choices (`task=nope`) are left to Hydra, whose error already lists the options."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in argv if "=" in a and not a.startswith("-")]
+    if not args:
+        return
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except Exception:  # malformed syntax: Hydra reports it with its own pointer into the string
+        return
+    group_args, keys = [], []
+    for ov in overrides:
+        key = ov.key_or_group
+        if ov.package is not None or key.startswith("hydra") or ov.is_add() or ov.is_delete() or ov.is_force_add():
+            continue
+        if key.split(".")[0] in GROUPS and "." not in key:
+            first = next(iter(ov.sweep_string_iterator())) if ov.is_sweep_override() else ov.get_value_element_as_str()
+            group_args.append(f"{key}={first}")
+        else:
+            keys.append(key)
+    if not keys:
+        return
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=group_args)
+    except Exception:  # a bad group choice: Hydra's message lists the options
+        return
+    finally:
+        GlobalHydra.instance().clear()
+    for key in keys:
+        node: Any = cfg
+        walked: list[str] = []
+        for part in key.split("."):
+            if isinstance(node, DictConfig) and part in node:
+                node = node._get_node(part)  # no interpolation resolution needed to walk
+                walked.append(part)
+                continue
+            where = ".".join(walked) or "the top level"
+            if isinstance(node, DictConfig):
+                valid = ", ".join(sorted(str(k) for k in node.keys()))
+                raise ConfigError(f"Unknown config key '{key}': '{part}' is not under {where}. Valid keys there: {valid}")
+            raise ConfigError(f"Unknown config key '{key}': {where} is a value, not a section")

@@ -1,0 +1,1 @@
+"""Running models: batching, the inference backends (one per runtime) and the benchmark around them."""

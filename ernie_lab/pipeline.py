@@ -1,0 +1,94 @@
+"""The main job: for each task, fine-tune, compress, benchmark every variant, and print one table shaped like
+the seed's (rows: variants; columns: each task's QPS with the speedup over FP32, and its metric).
+
+    python -m ernie_lab.pipeline                      # offline quick start (experiment=quickstart)
+    python -m ernie_lab.pipeline experiment=seed_medium pipeline.tasks=[tnews]
+"""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ernie_lab.cli import check_cli
+from ernie_lab.errors import ErnieLabError
+
+STAGES = {
+    "train": "ernie_lab.training:finetune",
+    "compress": "ernie_lab.compression.strategy:compress",
+    "infer": "ernie_lab.inference.benchmark:infer",
+}
+
+
+def _stage_config(user_overrides: list[str], extra: list[str]) -> DictConfig:
+    from hydra import compose
+
+    return compose(config_name="pipeline", overrides=user_overrides + extra)
+
+
+def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
+    import importlib
+
+    from ernie_lab import runtime
+    from ernie_lab.reporting import console
+    from ernie_lab.report import seed_table
+    from ernie_lab.tracking import end_run, start_parent_run, tracked_run
+
+    p = cfg.pipeline
+    runtime.prepare(cfg.runtime)
+    for _, precision in p.variants:  # refuse impossible variants before hours of work, not after
+        runtime.check_precision(cfg.runtime, precision)
+    parent = start_parent_run(cfg, "pipeline", {"sweep_command": "python -m ernie_lab.pipeline " + " ".join(user_overrides)})
+    parent.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
+    results, failures = [], []
+
+    def stage(name: str, extra: list[str]):
+        stage_cfg = _stage_config(user_overrides, extra)
+        module, func = STAGES[name].split(":")
+        try:
+            with tracked_run(stage_cfg, name, parent_run_id=parent.run_id) as run:
+                return getattr(importlib.import_module(module), func)(stage_cfg, run)
+        except Exception as exc:  # record, report, and go on with the next task
+            failures.append(f"{name} {' '.join(extra)}: {type(exc).__name__}: {exc}")
+            console.print(f"[bold red]{name} {' '.join(extra)} failed:[/] {exc}")
+            if not isinstance(exc, ErnieLabError):
+                console.print_exception(max_frames=8)
+            return None
+
+    for task in p.tasks:
+        if stage("train", [f"task={task}"]) is None:
+            continue
+        for strategy in p.strategies:
+            stage("compress", [f"task={task}", f"strategy={strategy}"])
+        for strategy, precision in p.variants:
+            result = stage("infer", [f"task={task}", f"strategy={strategy}", f"precision={precision}"])
+            if result is not None:
+                results.append(result)
+
+    markdown = seed_table(results, cfg.model.name)
+    parent.log_text(markdown, "results.md")
+    if failures:
+        parent.log_text("\n".join(failures), "failed_stages.txt")
+        console.print(f"[bold red]{len(failures)} stage(s) failed:[/]")
+        for line in failures:
+            console.print(f"  [red]{line}[/]")
+    end_run(parent, failed=bool(failures))
+    console.print(f"MLflow parent run {parent.run_id} (sweep_id tag); open the UI with "
+                  f"`.venv/bin/mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}`")
+    return 1 if failures else 0
+
+
+@hydra.main(config_path="../conf", config_name="pipeline", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task)
+    code = run_pipeline(cfg, overrides)
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    check_cli(config_name="pipeline")
+    main()

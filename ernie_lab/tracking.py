@@ -1,0 +1,215 @@
+"""MLflow, and nothing else, lives here: runs for every stage, parent runs for sweeps, FAILED runs with tracebacks.
+
+The client API is used instead of mlflow's fluent `start_run` so that runs never leak between the jobs of a
+multirun that share one process."""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import platform
+import tempfile
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+from ernie_lab.config import flatten
+
+PARENT_RUN_ENV = "ERNIE_LAB_PARENT_RUN_ID"
+SWEEP_ID_ENV = "ERNIE_LAB_SWEEP_ID"
+
+
+def _client(tracking_cfg: DictConfig):
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_cfg.tracking_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(tracking_cfg: DictConfig) -> str:
+    """Create the experiment once (before any parallel job would race to create it)."""
+    client = _client(tracking_cfg)
+    exp = client.get_experiment_by_name(tracking_cfg.experiment_name)
+    if exp is not None:
+        return exp.experiment_id
+    location = tracking_cfg.artifact_location
+    if location and "://" not in location:
+        Path(location).mkdir(parents=True, exist_ok=True)
+        location = Path(location).resolve().as_uri()
+    try:
+        return client.create_experiment(tracking_cfg.experiment_name, artifact_location=location)
+    except Exception:  # created meanwhile by a concurrent job
+        return client.get_experiment_by_name(tracking_cfg.experiment_name).experiment_id
+
+
+class TrackedRun:
+    """One MLflow run. Metric names keep their `group/name` form so the UI's charts line up."""
+
+    def __init__(self, client, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_dict(self, data: dict, name: str) -> None:
+        self.log_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), name)
+
+
+def run_tags(cfg: DictConfig, stage: str) -> dict[str, str]:
+    tags = {
+        "stage": stage,
+        "task": cfg.task.name,
+        "model": cfg.model.name,
+        "model_init": cfg.model.init,
+        "strategy": cfg.strategy.name,
+        "precision": cfg.precision.name,
+        "runtime": cfg.runtime.name,
+        "device": cfg.runtime.device,
+        "host": platform.node(),
+    }
+    if cfg.model.init == "random":
+        tags["weights_note"] = "offline: randomly initialised weights with the real ERNIE 3.0 vocabulary (no pretraining)"
+    if os.environ.get(SWEEP_ID_ENV):
+        tags["sweep_id"] = os.environ[SWEEP_ID_ENV]
+    return tags
+
+
+@contextmanager
+def tracked_run(cfg: DictConfig, stage: str, run_name: str | None = None,
+                parent_run_id: str | None = None) -> Iterator[TrackedRun]:
+    """A run with the flattened config as params and the resolved config as an artifact.
+
+    If the body raises, the traceback is logged as `error.txt`, the run is marked FAILED and the error
+    propagates (a multirun records the job as failed and goes on with the others)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    client = _client(cfg.tracking)
+    exp_id = experiment_id(cfg.tracking)
+    tags = run_tags(cfg, stage)
+    tags[MLFLOW_RUN_NAME] = run_name or f"{stage}-{cfg.task.name}-{cfg.model.name}-{cfg.strategy.name}-{cfg.precision.name}"
+    parent = parent_run_id or os.environ.get(PARENT_RUN_ENV)
+    if parent:
+        tags[MLFLOW_PARENT_RUN_ID] = parent
+    run = client.create_run(exp_id, tags=tags)
+    tracked = TrackedRun(client, run.info.run_id)
+    try:
+        resolved = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+        tracked.log_params(flatten(resolved))
+        tracked.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
+        yield tracked
+    except BaseException as exc:
+        tracked.log_text("".join(traceback.format_exception(exc)), "error.txt")
+        tracked.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
+        client.set_terminated(tracked.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    else:
+        client.set_terminated(tracked.run_id, "FINISHED")
+
+
+def start_parent_run(cfg: DictConfig, name: str, tags: dict[str, str] | None = None) -> TrackedRun:
+    """A parent run that groups the child runs of one sweep or pipeline (selectable together in the UI)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+    client = _client(cfg.tracking)
+    run = client.create_run(experiment_id(cfg.tracking), tags={MLFLOW_RUN_NAME: name, "stage": "sweep", **(tags or {})})
+    client.set_tag(run.info.run_id, "sweep_id", run.info.run_id)
+    return TrackedRun(client, run.info.run_id)
+
+
+def end_run(run: TrackedRun, failed: bool) -> None:
+    run.client.set_terminated(run.run_id, "FAILED" if failed else "FINISHED")
+
+
+def find_runs(tracking_cfg: DictConfig, filter_string: str) -> list:
+    client = _client(tracking_cfg)
+    exp = client.get_experiment_by_name(tracking_cfg.experiment_name)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=10000)
+
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover - hydra is a hard dependency
+    Callback = object
+
+
+class SweepCallback(Callback):
+    """Groups a Hydra multirun under one MLflow parent run and names the failed jobs when it ends.
+
+    Hydra's basic sweeper runs every job, then re-raises the first failure and skips `on_multirun_end`,
+    so closing the parent run also happens at exit."""
+
+    def __init__(self) -> None:
+        self.parent: TrackedRun | None = None
+        self.failed: list[str] = []
+        self.done = 0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        job = config.hydra.job.name
+        overrides = " ".join(config.hydra.overrides.task)
+        self.parent = start_parent_run(config, f"sweep-{job}", {"sweep_command": f"{job} {overrides}"[:5000]})
+        os.environ[PARENT_RUN_ENV] = self.parent.run_id
+        os.environ[SWEEP_ID_ENV] = self.parent.run_id
+        atexit.register(self._finish)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from hydra.core.utils import JobStatus
+
+        self.done += 1
+        if job_return.status == JobStatus.FAILED:
+            overrides = " ".join(job_return.overrides or [])
+            self.failed.append(f"#{config.hydra.job.num} {overrides}: {job_return._return_value}")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.parent is None:
+            return
+        parent, self.parent = self.parent, None
+        os.environ.pop(PARENT_RUN_ENV, None)
+        os.environ.pop(SWEEP_ID_ENV, None)
+        if self.failed:
+            parent.log_text("\n".join(self.failed), "failed_jobs.txt")
+            from rich.console import Console
+
+            console = Console(stderr=True)
+            console.print(f"[bold red]{len(self.failed)} of {self.done} jobs failed:[/]")
+            for line in self.failed:
+                console.print(f"  [red]{line}[/]")
+        end_run(parent, failed=bool(self.failed))

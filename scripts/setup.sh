@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Creates .venv with the locked dependency set and installs ernie_lab into it (editable).
+# Usage: scripts/setup.sh [cpu|gpu]   (default cpu; gpu installs paddlepaddle-gpu instead of paddlepaddle)
+set -euo pipefail
+device="${1:-cpu}"
+case "$device" in
+  cpu|gpu) ;;
+  *) echo "setup.sh: unknown device '$device' (valid: cpu, gpu)" >&2; exit 2 ;;
+esac
+cd "$(dirname "$0")/.."
+lock="requirements/$device.lock"
+stamp=".venv/.installed-$device"
+want="$(cat "$lock" pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+  exit 0
+fi
+# uv resolves and installs the ~150 locked wheels in seconds; it is itself a PyPI package.
+if ! command -v uv >/dev/null 2>&1 && ! python3 -m uv --version >/dev/null 2>&1; then
+  python3 -m pip install --quiet "uv>=0.4"
+fi
+uv() { if command -v uv >/dev/null 2>&1; then command uv "$@"; else python3 -m uv "$@"; fi; }
+[[ -x .venv/bin/python ]] || uv venv --quiet --python 3.11 .venv
+# Only one of paddlepaddle / paddlepaddle-gpu may be installed: sync removes whatever the lock lacks.
+VIRTUAL_ENV=.venv uv pip sync --quiet "$lock"
+VIRTUAL_ENV=.venv uv pip install --quiet --no-deps -e .
+echo "$want" > "$stamp"
+echo "ernie-lab installed into .venv ($device)"
