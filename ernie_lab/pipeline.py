@@ -31,16 +31,28 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
     import importlib
 
     from ernie_lab import runtime
+    from ernie_lab.cli import quiet_libraries
     from ernie_lab.reporting import console
     from ernie_lab.report import seed_table
     from ernie_lab.tracking import end_run, start_parent_run, tracked_run
 
+    quiet_libraries()
     p = cfg.pipeline
     runtime.prepare(cfg.runtime)
-    for _, precision in p.variants:  # refuse impossible variants before hours of work, not after
-        runtime.check_precision(cfg.runtime, precision)
+    variants, skipped = [], []
+    for strategy, precision in p.variants:
+        if precision not in cfg.runtime.precisions:  # a config mistake: refuse before hours of work, not after
+            runtime.check_precision(cfg.runtime, precision)
+        gap = runtime.hardware_gap(cfg.runtime, precision)
+        if gap:  # this machine lacks the instructions: leave the row out and say why
+            skipped.append(f"{strategy}/{precision}: {gap}")
+            console.print(f"[yellow]skipping {strategy}/{precision}:[/] {gap}")
+        else:
+            variants.append((strategy, precision))
     parent = start_parent_run(cfg, "pipeline", {"sweep_command": "python -m ernie_lab.pipeline " + " ".join(user_overrides)})
     parent.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
+    if skipped:
+        parent.log_text("\n".join(skipped), "skipped_variants.txt")
     results, failures = [], []
 
     def stage(name: str, extra: list[str]):
@@ -61,7 +73,7 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
             continue
         for strategy in p.strategies:
             stage("compress", [f"task={task}", f"strategy={strategy}"])
-        for strategy, precision in p.variants:
+        for strategy, precision in variants:
             result = stage("infer", [f"task={task}", f"strategy={strategy}", f"precision={precision}"])
             if result is not None:
                 results.append(result)

@@ -18,20 +18,39 @@ RUNTIMES = ("cpu", "gpu")
 
 
 def check_precision(runtime: DictConfig, precision: str) -> None:
-    """Reject a precision the runtime cannot run, before any work starts, and say what to use instead."""
+    """Reject a precision the runtime or this machine cannot run, before any work starts, saying what to use."""
     check_choice("runtime", runtime.name, RUNTIMES)
-    if precision in runtime.precisions:
-        return
-    if precision == "fp16" and runtime.device == "cpu":
+    if precision not in runtime.precisions:
+        if precision == "fp16" and runtime.device == "cpu":
+            raise ConfigError(
+                "precision=fp16 cannot run on runtime=cpu: Paddle Inference has no FP16 CPU kernels. "
+                "Use precision=bf16 on a CPU with AVX512-BF16/AMX, or runtime=gpu for fp16."
+            )
+        if precision == "bf16" and runtime.device == "gpu":
+            raise ConfigError("precision=bf16 is a CPU (oneDNN) precision here; on runtime=gpu use precision=fp16")
         raise ConfigError(
-            "precision=fp16 cannot run on runtime=cpu: this CPU has no FP16 matrix units in Paddle Inference. "
-            "Use precision=bf16 (AMX/AVX512-BF16) for half-precision speed on CPU, or runtime=gpu for fp16."
+            f"precision={precision!r} cannot run on runtime={runtime.name}; valid there: {', '.join(runtime.precisions)}"
         )
-    if precision == "bf16" and runtime.device == "gpu":
-        raise ConfigError("precision=bf16 is a CPU (oneDNN) precision here; on runtime=gpu use precision=fp16")
-    raise ConfigError(
-        f"precision={precision!r} cannot run on runtime={runtime.name}; valid there: {', '.join(runtime.precisions)}"
-    )
+    gap = hardware_gap(runtime, precision)
+    if gap:
+        raise ConfigError(gap)
+
+
+def hardware_gap(runtime: DictConfig, precision: str) -> str | None:
+    """Why this machine cannot run a precision that its runtime supports in general, or None."""
+    if precision == "bf16" and runtime.device == "cpu":
+        flags = cpu_flags()
+        if not (flags.get("avx512_bf16") or flags.get("amx_bf16")):
+            # Paddle Inference would quietly fall back to FP32 and the run would be mislabelled.
+            return (
+                f"precision=bf16 needs a CPU with AVX512-BF16 or AMX-BF16; this one ({cpu_model()}) has neither, "
+                "and Paddle Inference would silently run FP32 instead. Use precision=fp32 or precision=int8 here."
+            )
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or "unknown CPU"
 
 
 def _cpuinfo_field(field: str) -> str:

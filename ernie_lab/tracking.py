@@ -124,6 +124,7 @@ def tracked_run(cfg: DictConfig, stage: str, run_name: str | None = None,
     parent = parent_run_id or os.environ.get(PARENT_RUN_ENV)
     if parent:
         tags[MLFLOW_PARENT_RUN_ID] = parent
+        tags["sweep_id"] = os.environ.get(SWEEP_ID_ENV, parent)
     run = client.create_run(exp_id, tags=tags)
     tracked = TrackedRun(client, run.info.run_id)
     try:
