@@ -20,7 +20,7 @@ def quantize_ptq(float_dir: Path, out_dir: Path, feeds: Sequence[dict], qcfg: Di
     import paddle
     from paddleslim.quant import quant_post_static
 
-    check_choice("strategy.quantize.algo", qcfg.algo, ALGOS)
+    check_choice("quantize.algo", qcfg.algo, ALGOS)
 
     class FeedLoader(paddle.io.DataLoader):
         """quant_post_static only accepts a paddle.io.DataLoader; this one replays ready feed dicts."""

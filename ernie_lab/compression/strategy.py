@@ -114,11 +114,11 @@ def check_export(model, task, model_dir: Path, examples: list[dict]) -> dict:
 def quantize_step(cfg: DictConfig, task, heldout: list[dict], float_dir: Path, out_dir: Path) -> dict:
     from ernie_lab.compression.quantize import quantize_ptq
 
-    q = cfg.strategy.quantize
+    q = cfg.quantize
     n = int(q.batch_size) * int(q.batch_nums)
     if len(heldout) < n:
         raise ConfigError(
-            f"calibration wants {n} samples (strategy.quantize.batch_size*batch_nums) but the held-out slice "
+            f"calibration wants {n} samples (quantize.batch_size*batch_nums) but the held-out slice "
             f"has {len(heldout)} (task.data.heldout_size)"
         )
     features = task.featurize(heldout[:n], training=False)
