@@ -1,0 +1,47 @@
+"""MLflow bookkeeping: failed runs are FAILED with their traceback, a multirun shares one parent run and goes
+on past a failed job, and the sweep exits non-zero naming the failed job."""
+from __future__ import annotations
+
+import pytest
+
+from ernie_lab.tracking import find_runs, tracked_run
+from tests.conftest import run_script
+
+
+def test_a_run_that_raises_is_failed_with_its_traceback(cfg_factory, tmp_path):
+    cfg = cfg_factory("model=tiny")
+    with pytest.raises(ValueError, match="boom"):
+        with tracked_run(cfg, "train") as run:
+            run.log_metrics({"train/loss": 1.0})
+            raise ValueError("boom")
+    (failed,) = find_runs(cfg.tracking, "tags.stage = 'train'")
+    assert failed.info.status == "FAILED"
+    assert "ValueError: boom" in failed.data.tags["error"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    text = open(client.download_artifacts(failed.info.run_id, "error.txt", str(tmp_path))).read()
+    assert "Traceback" in text and "boom" in text
+    assert failed.data.params["model.name"] == "tiny"  # the whole config is there to reproduce it
+
+
+def test_multirun_records_the_failed_job_and_runs_the_others(tmp_path):
+    # job #0 names a data source that does not exist; job #1 must still train
+    result = run_script(
+        "train.py", "-m", "model=tiny", "task.data.source=nowhere,local", "task.data.limit.train=64",
+        "task.data.limit.eval=32", "task.train.epochs=1", tmp=tmp_path, timeout=300,
+    )
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "1 of 2 jobs failed" in out and "task.data.source=nowhere" in out
+    assert "choose one of: local, online" in out
+    from omegaconf import OmegaConf
+
+    tracking = OmegaConf.create({"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "ernie-lab"})
+    jobs = {r.data.params["task.data.source"]: r for r in find_runs(tracking, "tags.stage = 'train'")}
+    (parent,) = find_runs(tracking, "tags.stage = 'sweep'")
+    assert jobs["nowhere"].info.status == "FAILED" and "nowhere" in jobs["nowhere"].data.tags["error"]
+    assert jobs["local"].info.status == "FINISHED" and "best/accuracy" in jobs["local"].data.metrics
+    assert {r.data.tags["mlflow.parentRunId"] for r in jobs.values()} == {parent.info.run_id}
+    assert {r.data.tags["sweep_id"] for r in jobs.values()} == {parent.info.run_id}
+    assert parent.info.status == "FAILED"
