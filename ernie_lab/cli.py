@@ -52,10 +52,10 @@ def run_stage(stage: str, cfg: DictConfig, body: str) -> Any:
     from ernie_lab.reporting import console
     from ernie_lab.tracking import tracked_run
 
-    quiet_libraries()
     try:
         with tracked_run(cfg, stage) as run:
             info = runtime.prepare(cfg.runtime, precision=cfg.precision.name if stage == "infer" else None)
+            quiet_libraries()  # imports paddlenlp, hence paddle: only after the runtime is prepared
             run.log_params({f"runtime_info.{k}": v for k, v in info.items()})
             module, func = body.split(":")
             return getattr(importlib.import_module(module), func)(cfg, run)

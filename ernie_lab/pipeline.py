@@ -36,9 +36,9 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
     from ernie_lab.report import seed_table
     from ernie_lab.tracking import end_run, start_parent_run, tracked_run
 
-    quiet_libraries()
     p = cfg.pipeline
     runtime.prepare(cfg.runtime)
+    quiet_libraries()  # imports paddle: only after the runtime is prepared
     variants, skipped = [], []
     for strategy, precision in p.variants:
         if precision not in cfg.runtime.precisions:  # a config mistake: refuse before hours of work, not after

@@ -11,6 +11,21 @@ def variant_name(model: str, strategy: str, precision: str) -> str:
     return f"{model}{STRATEGY_TITLES.get(strategy, '+' + strategy)}+{precision.upper()}"
 
 
+def results_from_runs(runs: list) -> list[dict]:
+    """The result dicts `seed_table` takes, read back from finished MLflow infer runs (oldest first)."""
+    out = []
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        tags, metrics = run.data.tags, run.data.metrics
+        out.append({
+            "task": tags["task"],
+            "strategy": tags.get("export_strategy", tags["strategy"]),
+            "precision": tags["precision"],
+            "primary_metric": tags["primary_metric"],
+            **metrics,
+        })
+    return out
+
+
 def seed_table(results: list[dict], model: str) -> str:
     """Rows: variants; columns: per task QPS (speedup over the same run's FP32) and metric (delta). Prints it
     with rich and returns it as Markdown."""

@@ -96,11 +96,12 @@ def run_tags(cfg: DictConfig, stage: str) -> dict[str, str]:
         "model": cfg.model.name,
         "model_init": cfg.model.init,
         "strategy": cfg.strategy.name,
-        "precision": cfg.precision.name,
         "runtime": cfg.runtime.name,
         "device": cfg.runtime.device,
         "host": platform.node(),
     }
+    if stage == "infer":  # training and export are precision-agnostic; only a benchmark run has one
+        tags["precision"] = cfg.precision.name
     if cfg.model.init == "random":
         tags["weights_note"] = "offline: randomly initialised weights with the real ERNIE 3.0 vocabulary (no pretraining)"
     if os.environ.get(SWEEP_ID_ENV):
@@ -120,7 +121,7 @@ def tracked_run(cfg: DictConfig, stage: str, run_name: str | None = None,
     client = _client(cfg.tracking)
     exp_id = experiment_id(cfg.tracking)
     tags = run_tags(cfg, stage)
-    tags[MLFLOW_RUN_NAME] = run_name or f"{stage}-{cfg.task.name}-{cfg.model.name}-{cfg.strategy.name}-{cfg.precision.name}"
+    tags[MLFLOW_RUN_NAME] = run_name or "-".join([stage, cfg.task.name, cfg.model.name, cfg.strategy.name, tags.get("precision", "")]).rstrip("-")
     parent = parent_run_id or os.environ.get(PARENT_RUN_ENV)
     if parent:
         tags[MLFLOW_PARENT_RUN_ID] = parent
@@ -176,6 +177,7 @@ class SweepCallback(Callback):
     so closing the parent run also happens at exit."""
 
     def __init__(self) -> None:
+        self.config: DictConfig | None = None
         self.parent: TrackedRun | None = None
         self.failed: list[str] = []
         self.done = 0
@@ -183,6 +185,7 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         job = config.hydra.job.name
         overrides = " ".join(config.hydra.overrides.task)
+        self.config = config
         self.parent = start_parent_run(config, f"sweep-{job}", {"sweep_command": f"{job} {overrides}"[:5000]})
         os.environ[PARENT_RUN_ENV] = self.parent.run_id
         os.environ[SWEEP_ID_ENV] = self.parent.run_id
@@ -213,4 +216,14 @@ class SweepCallback(Callback):
             console.print(f"[bold red]{len(self.failed)} of {self.done} jobs failed:[/]")
             for line in self.failed:
                 console.print(f"  [red]{line}[/]")
+        self._closing_table(parent)
         end_run(parent, failed=bool(self.failed))
+
+    def _closing_table(self, parent: TrackedRun) -> None:
+        """Benchmark sweeps end with the seed-shaped table of their finished jobs, also logged on the parent."""
+        from ernie_lab.report import results_from_runs, seed_table
+
+        runs = find_runs(self.config.tracking, f"tags.sweep_id = '{parent.run_id}' and tags.stage = 'infer'")
+        results = results_from_runs([r for r in runs if r.info.status == "FINISHED"])
+        if results:
+            parent.log_text(seed_table(results, self.config.model.name), "results.md")

@@ -169,3 +169,16 @@ def test_missing_export_names_the_command_that_makes_it(tmp_path):
     cfg = make_cfg(isolated_overrides(tmp_path) + ["model=tiny", "precision=int8"])
     with pytest.raises(MissingArtifactError, match="python compress.py task=tnews model=tiny strategy=ptq"):
         resolve_export(cfg)
+
+
+def test_infer_multirun_logs_one_run_per_precision_and_a_closing_table(workdir, compressed):
+    from tests.conftest import run_script
+
+    result = run_script("infer.py", "-m", "precision=fp32,int8", *TINY, tmp=workdir, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "tiny+FP32" in result.stdout and "tiny+INT8" in result.stdout and "x)" in result.stdout
+    tracking = cfg_for(workdir).tracking
+    (parent,) = [r for r in find_runs(tracking, "tags.stage = 'sweep'") if r.info.status == "FINISHED"]
+    children = find_runs(tracking, f"tags.sweep_id = '{parent.info.run_id}' and tags.stage = 'infer'")
+    assert sorted(r.data.tags["precision"] for r in children) == ["fp32", "int8"]
+    assert all(r.info.status == "FINISHED" and r.data.metrics["perf/qps"] > 0 for r in children)

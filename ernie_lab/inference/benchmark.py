@@ -108,7 +108,7 @@ def infer(cfg: DictConfig, run: TrackedRun) -> dict:
         "export.strategy": manifest["strategy"],
         "export.parameters": manifest.get("parameters"),
     })
-    run.set_tags({"export_strategy": manifest["strategy"]})
+    run.set_tags({"export_strategy": manifest["strategy"], "primary_metric": task.primary_metric})
     run.log_metrics(metrics)
     console.print(table(
         f"{cfg.task.name} · {cfg.model.name} · {manifest['strategy']} · {cfg.precision.name}",
