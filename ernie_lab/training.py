@@ -53,6 +53,7 @@ def finetune(cfg: DictConfig, run: TrackedRun) -> dict:
     train_examples = task.load("train")
     select_examples = task.load(cfg.task.selection_split)
     train_features = task.featurize(train_examples, training=True)
+    train_stats = {f"data.train_{k}": v for k, v in task.data_stats().items()}
     select_features = task.featurize(select_examples, training=False)
 
     model = build_model(cfg.model, task.model_class(), task.head_config())
@@ -77,6 +78,7 @@ def finetune(cfg: DictConfig, run: TrackedRun) -> dict:
         "data.selection_examples": len(select_examples),
         "model.parameters": n_params,
         "train.total_steps": total_steps,
+        **train_stats,
     })
     console.print(
         f"[bold]fine-tune[/] {cfg.task.name} on {cfg.model.name} ({cfg.model.init} init, {n_params / 1e6:.1f}M params): "

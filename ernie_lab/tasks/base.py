@@ -132,6 +132,10 @@ class Task(ABC):
     def loss(self, outputs, batch: dict):
         """Training loss from the dygraph model's outputs and a collated batch (paddle tensors)."""
 
+    def data_stats(self) -> dict[str, int]:
+        """Counts worth logging from the last featurize (e.g. answers that had to be re-aligned)."""
+        return {}
+
     # ---- predictions and metric ---------------------------------------------------------------------------
     @abstractmethod
     def postprocess(self, examples: list[dict], features: list[dict], outputs: list[tuple[np.ndarray, ...]]) -> list:

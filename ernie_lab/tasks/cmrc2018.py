@@ -67,7 +67,9 @@ def read_squad_json(path: Path) -> list[dict]:
                     texts = [str(ans["text"]) for ans in answers]
                     starts = [int(ans["answer_start"]) for ans in answers]
                 except (KeyError, TypeError, ValueError):
-                    raise DataError(f"{where}.qas[{q}] ({qid}): every answer needs 'text' and an integer 'answer_start'") from None
+                    raise DataError(
+                        f"{where}.qas[{q}] ({qid}): every answer needs 'text' and an integer 'answer_start'"
+                    ) from None
                 examples.append({
                     "id": qid,
                     "question": question.strip(),
@@ -234,8 +236,12 @@ class Cmrc2018Task(Task):
                 + F.cross_entropy(end_logits, batch["end_positions"])) / 2
 
     # ---- predictions and metric ---------------------------------------------------------------------------
+    def data_stats(self) -> dict[str, int]:
+        return {"realigned_answers": self.realigned_answers, "unaligned_answers": self.unaligned_answers}
+
     def postprocess(self, examples, features, outputs) -> list[str]:
-        """One answer per question: the best span over all its windows, sliced from the original context."""
+        """One answer per question: the best span over all its windows, sliced from the original context (outer
+        whitespace stripped, which the official evaluator ignores anyway)."""
         best: list[tuple[float, str] | None] = [None] * len(examples)
         for feature, (start_logits, end_logits) in zip(features, outputs):
             first, offsets = feature["context_start"], feature["offsets"]
@@ -244,7 +250,8 @@ class Cmrc2018Task(Task):
             index = feature["example_index"]
             if span is not None and (best[index] is None or span[0] > best[index][0]):
                 context = examples[index]["context"]
-                best[index] = (span[0], context[offsets[span[1] - first][0] : offsets[span[2] - first][1]])
+                text = context[offsets[span[1] - first][0] : offsets[span[2] - first][1]]
+                best[index] = (span[0], text.strip())  # an [UNK]'s offsets can take in the spaces around it
         return [b[1] if b is not None else "" for b in best]
 
     def metrics(self, examples, predictions) -> dict[str, float]:

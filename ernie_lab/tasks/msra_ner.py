@@ -121,10 +121,11 @@ class MsraNerTask(Task):
         examples = []
         for i, ex in enumerate(ds):
             tags = [names[t] if isinstance(t, (int, np.integer)) else str(t) for t in ex["labels"]]
+            if len(tags) != len(ex["tokens"]):
+                raise DataError(f"msra_ner {split} sentence {i}: {len(ex['tokens'])} characters but {len(tags)} tags")
             unknown = sorted(set(tags) - set(LABELS))
-            if unknown or len(tags) != len(ex["tokens"]):
-                raise DataError(f"msra_ner {split} sentence {i}: {len(ex['tokens'])} characters, "
-                                f"{len(tags)} tags, unknown tags {unknown}")
+            if unknown:
+                raise DataError(f"msra_ner {split} sentence {i}: unknown tags {unknown}; tags are {', '.join(LABELS)}")
             examples.append({"id": i, "chars": list(ex["tokens"]), "tags": tags})
         return examples
 
