@@ -15,6 +15,9 @@ def check_cli(argv: list[str] | None = None, config_name: str = "config") -> Non
     """Unknown config keys fail here, before Hydra starts, with the valid keys listed."""
     from ernie_lab.config import check_overrides
     from ernie_lab.reporting import console
+    from ernie_lab.tracking import exit_on_sigterm
+
+    exit_on_sigterm()
 
     try:
         check_overrides(sys.argv[1:] if argv is None else argv, config_name)
@@ -54,7 +57,11 @@ def run_stage(stage: str, cfg: DictConfig, body: str) -> Any:
 
     try:
         with tracked_run(cfg, stage) as run:
-            info = runtime.prepare(cfg.runtime, precision=cfg.precision.name if stage == "infer" else None)
+            info = runtime.prepare(
+                cfg.runtime,
+                precision=cfg.precision.name if stage == "infer" else None,
+                threads=cfg.train.threads if stage == "train" else None,
+            )
             quiet_libraries()  # imports paddlenlp, hence paddle: only after the runtime is prepared
             run.log_params({f"runtime_info.{k}": v for k, v in info.items()})
             module, func = body.split(":")

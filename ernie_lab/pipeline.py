@@ -37,7 +37,7 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
     from ernie_lab.tracking import end_run, start_parent_run, tracked_run
 
     p = cfg.pipeline
-    runtime.prepare(cfg.runtime)
+    runtime.prepare(cfg.runtime, threads=cfg.train.threads)  # this process trains; benchmarks run in children
     quiet_libraries()  # imports paddle: only after the runtime is prepared
     variants, skipped = [], []
     for strategy, precision in p.variants:
@@ -68,15 +68,19 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
                 console.print_exception(max_frames=8)
             return None
 
-    for task in p.tasks:
-        if stage("train", [f"task={task}"]) is None:
-            continue
-        for strategy in p.strategies:
-            stage("compress", [f"task={task}", f"strategy={strategy}"])
-        for strategy, precision in variants:
-            result = stage("infer", [f"task={task}", f"strategy={strategy}", f"precision={precision}"])
-            if result is not None:
-                results.append(result)
+    try:
+        for task in p.tasks:
+            if stage("train", [f"task={task}"]) is None:
+                continue
+            for strategy in p.strategies:
+                stage("compress", [f"task={task}", f"strategy={strategy}"])
+            for strategy, precision in variants:
+                result = stage("infer", [f"task={task}", f"strategy={strategy}", f"precision={precision}"])
+                if result is not None:
+                    results.append(result)
+    except BaseException:  # interrupted or killed: the parent run must not stay RUNNING
+        parent.client.set_terminated(parent.run_id, "KILLED")
+        raise
 
     markdown = seed_table(results, cfg.model.name)
     parent.log_text(markdown, "results.md")

@@ -97,11 +97,12 @@ def _set_ftz_daz() -> bool:
     return True
 
 
-def prepare(runtime: DictConfig, precision: str | None = None) -> dict:
-    """Apply the runtime's process settings. Call before the first `import paddle` of the process."""
+def prepare(runtime: DictConfig, precision: str | None = None, threads: int | None = None) -> dict:
+    """Apply the runtime's process settings (`threads` overrides runtime.threads, e.g. for training).
+    Call before the first `import paddle` of the process."""
     if precision is not None:
         check_precision(runtime, precision)
-    threads = int(runtime.threads)
+    threads = int(threads or runtime.threads)
     # paddle sets OMP_NUM_THREADS=1 at import when it is unset, which pins eager training to one core.
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["MKL_NUM_THREADS"] = str(threads)

@@ -136,10 +136,20 @@ def tracked_run(cfg: DictConfig, stage: str, run_name: str | None = None,
     except BaseException as exc:
         tracked.log_text("".join(traceback.format_exception(exc)), "error.txt")
         tracked.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
-        client.set_terminated(tracked.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))  # Ctrl-C, or SIGTERM via exit_on_sigterm
+        client.set_terminated(tracked.run_id, "KILLED" if stopped else "FAILED")
         raise
     else:
         client.set_terminated(tracked.run_id, "FINISHED")
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (a scheduler or `kill` stopping the job) into SystemExit, so open runs are closed as KILLED
+    instead of staying RUNNING forever."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def start_parent_run(cfg: DictConfig, name: str, tags: dict[str, str] | None = None) -> TrackedRun:

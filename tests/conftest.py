@@ -31,6 +31,14 @@ def make_cfg(overrides: list[str], config_name: str = "config"):
         return compose(config_name=config_name, overrides=overrides)
 
 
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The real ERNIE 3.0 vocabulary, as every offline run uses it."""
+    from ernie_lab.modeling import build_tokenizer
+
+    return build_tokenizer(make_cfg(["model=tiny"]).model)
+
+
 @pytest.fixture
 def cfg_factory(tmp_path):
     def factory(*overrides: str, config_name: str = "config"):

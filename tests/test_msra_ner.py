@@ -13,7 +13,6 @@ import yaml
 from ernie_lab.config import CONF_DIR
 from ernie_lab.errors import ConfigError, DataError
 from ernie_lab.metrics import tag_entities
-from ernie_lab.modeling import build_tokenizer
 from ernie_lab.tasks import build_task
 from ernie_lab.tasks.msra_ner import IGNORE_INDEX, LABELS, MsraNerTask, Window, plan_windows, read_char_tags
 from tests.conftest import RecordingRun, isolated_overrides, make_cfg
@@ -29,23 +28,13 @@ def cfg():
 
 
 @pytest.fixture(scope="module")
-def tokenizer(cfg):
-    if not Path(cfg.model.vocab_file).is_file():
-        pytest.skip(f"vocabulary not found at {cfg.model.vocab_file} (shared data missing)")
-    return build_tokenizer(cfg.model)
-
-
-@pytest.fixture(scope="module")
 def task(cfg, tokenizer) -> MsraNerTask:
     return build_task(cfg.task, tokenizer)
 
 
 @pytest.fixture(scope="module")
 def data_dir(cfg) -> Path:
-    path = Path(cfg.task.data.dir)
-    if not (path / "test.txt").is_file():
-        pytest.skip(f"MSRA NER data not found under {path}")
-    return path
+    return Path(cfg.task.data.dir)  # missing data fails the tests that read it, loudly
 
 
 def planted_outputs(features: list[dict], gold: list[list[str]]) -> list[tuple[np.ndarray]]:
