@@ -27,8 +27,12 @@ def test_every_option_of_every_group_composes_and_resolves(group):
 def test_pipeline_config_composes_with_the_quickstart_experiment():
     cfg = make_cfg([], config_name="pipeline")
     assert cfg.model.name == "ernie-3.0-small"
-    assert cfg.train.max_steps == cfg.task.train.max_steps == 700
-    assert list(cfg.pipeline.tasks)
+    assert list(cfg.pipeline.tasks) == ["tnews", "msra_ner", "cmrc2018"]
+    for task in cfg.pipeline.tasks:  # each task gets its own budget from the quickstart table
+        task_cfg = make_cfg([f"task={task}"], config_name="pipeline")
+        budget = task_cfg.quickstart[task]
+        assert task_cfg.train.max_steps == budget.max_steps and task_cfg.train.batch_size == budget.batch_size
+        assert task_cfg.task.max_seq_length == budget.max_seq_length
 
 
 def test_model_sizes_match_the_published_ernie_3_family():
