@@ -10,7 +10,7 @@ from ernie_lab.cli import check_cli, run_stage
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig):
-    return run_stage("infer", cfg, "ernie_lab.inference.benchmark:infer")
+    return run_stage("infer", cfg)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from ernie_lab.cli import check_cli, run_stage
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig):
-    return run_stage("train", cfg, "ernie_lab.training:finetune")
+    return run_stage("train", cfg)
 
 
 if __name__ == "__main__":

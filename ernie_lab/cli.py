@@ -10,6 +10,13 @@ from omegaconf import DictConfig
 
 from ernie_lab.errors import ErnieLabError
 
+# What each stage runs, as "module:function(cfg, run)"; imported only after the runtime is set up.
+STAGES = {
+    "train": "ernie_lab.training:finetune",
+    "compress": "ernie_lab.compression.strategy:compress",
+    "infer": "ernie_lab.inference.benchmark:infer",
+}
+
 
 def check_cli(argv: list[str] | None = None, config_name: str = "config") -> None:
     """Unknown config keys fail here, before Hydra starts, with the valid keys listed."""
@@ -49,8 +56,13 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def run_stage(stage: str, cfg: DictConfig, body: str) -> Any:
-    """Run `body` ("module:function", imported only after the runtime is set up) inside a tracked run."""
+def call_stage(stage: str, cfg: DictConfig, run) -> Any:
+    module, func = STAGES[stage].split(":")
+    return getattr(importlib.import_module(module), func)(cfg, run)
+
+
+def run_stage(stage: str, cfg: DictConfig) -> Any:
+    """One stage inside a tracked run, after the runtime is set up."""
     from ernie_lab import runtime
     from ernie_lab.reporting import console
     from ernie_lab.tracking import tracked_run
@@ -64,8 +76,7 @@ def run_stage(stage: str, cfg: DictConfig, body: str) -> Any:
             )
             quiet_libraries()  # imports paddlenlp, hence paddle: only after the runtime is prepared
             run.log_params({f"runtime_info.{k}": v for k, v in info.items()})
-            module, func = body.split(":")
-            return getattr(importlib.import_module(module), func)(cfg, run)
+            return call_stage(stage, cfg, run)
     except ErnieLabError as exc:
         console.print(f"[bold red]error ({stage}):[/] {exc}")
         if _in_multirun():

@@ -11,14 +11,8 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ernie_lab.cli import check_cli
+from ernie_lab.cli import call_stage, check_cli
 from ernie_lab.errors import ErnieLabError
-
-STAGES = {
-    "train": "ernie_lab.training:finetune",
-    "compress": "ernie_lab.compression.strategy:compress",
-    "infer": "ernie_lab.inference.benchmark:infer",
-}
 
 
 def _stage_config(user_overrides: list[str], extra: list[str]) -> DictConfig:
@@ -28,8 +22,6 @@ def _stage_config(user_overrides: list[str], extra: list[str]) -> DictConfig:
 
 
 def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
-    import importlib
-
     from ernie_lab import runtime
     from ernie_lab.cli import quiet_libraries
     from ernie_lab.reporting import console
@@ -57,10 +49,9 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
 
     def stage(name: str, extra: list[str]):
         stage_cfg = _stage_config(user_overrides, extra)
-        module, func = STAGES[name].split(":")
         try:
             with tracked_run(stage_cfg, name, parent_run_id=parent.run_id) as run:
-                return getattr(importlib.import_module(module), func)(stage_cfg, run)
+                return call_stage(name, stage_cfg, run)
         except Exception as exc:  # record, report, and go on with the next task
             failures.append(f"{name} {' '.join(extra)}: {type(exc).__name__}: {exc}")
             console.print(f"[bold red]{name} {' '.join(extra)} failed:[/] {exc}")
@@ -99,8 +90,14 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from ernie_lab.reporting import console
+
     overrides = list(HydraConfig.get().overrides.task)
-    code = run_pipeline(cfg, overrides)
+    try:
+        code = run_pipeline(cfg, overrides)
+    except ErnieLabError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        code = 2
     if code:
         sys.exit(code)
 

@@ -8,7 +8,6 @@ import atexit
 import json
 import os
 import platform
-import tempfile
 import traceback
 from contextlib import contextmanager
 from pathlib import Path

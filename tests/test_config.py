@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from ernie_lab.config import CONF_DIR, check_overrides, flatten, group_options
+from ernie_lab.config import check_overrides, flatten, group_options
 from ernie_lab.errors import ConfigError
 from ernie_lab.runtime import check_precision, hardware_gap
 from tests.conftest import make_cfg, run_script
