@@ -7,8 +7,10 @@ the seed's (rows: variants; columns: each task's QPS with the speedup over FP32,
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ernie_lab.cli import call_stage, check_cli
@@ -75,6 +77,9 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
 
     markdown = seed_table(results, cfg.model.name)
     parent.log_text(markdown, "results.md")
+    results_file = Path(HydraConfig.get().runtime.output_dir) / "results.md"
+    results_file.write_text(markdown, encoding="utf-8")
+    console.print(f"table written to {results_file}")
     if failures:
         parent.log_text("\n".join(failures), "failed_stages.txt")
         console.print(f"[bold red]{len(failures)} stage(s) failed:[/]")
@@ -88,8 +93,6 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
 
 @hydra.main(config_path="../conf", config_name="pipeline", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
     from ernie_lab.reporting import console
 
     overrides = list(HydraConfig.get().overrides.task)

@@ -1,13 +1,15 @@
 """Console output: progress bars and result tables (rich)."""
 from __future__ import annotations
 
+import sys
 from typing import Iterable, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console()
+# Off a terminal (CI logs, `| tee`), rich would wrap the result tables at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def progress() -> Progress:

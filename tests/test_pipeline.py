@@ -1,0 +1,35 @@
+"""The main job end to end (python -m ernie_lab.pipeline), shrunk to a tiny model and one task."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from omegaconf import OmegaConf
+
+from ernie_lab.config import PROJECT_ROOT
+from ernie_lab.tracking import find_runs
+from tests.conftest import isolated_overrides
+
+
+def test_pipeline_trains_compresses_benchmarks_and_writes_the_table(tmp_path):
+    overrides = [
+        "model=tiny", "pipeline.tasks=[tnews]", "pipeline.variants=[[none,fp32],[none,int8]]",
+        "quickstart.tnews.max_steps=16", "quickstart.tnews.train_limit=256",
+        "task.data.limit.eval=128", "task.data.limit.heldout=64", "benchmark.warmup_batches=1",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "ernie_lab.pipeline", *overrides, *isolated_overrides(tmp_path)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (table,) = (tmp_path / "outputs" / "runs" / "pipeline").glob("*/results.md")
+    text = table.read_text()
+    assert "tiny+FP32" in text and "tiny+INT8" in text and "TNEWS accuracy" in text
+    tracking = OmegaConf.create({"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "ernie-lab"})
+    (parent,) = find_runs(tracking, "tags.stage = 'sweep'")
+    assert parent.info.status == "FINISHED"
+    children = find_runs(tracking, f"tags.sweep_id = '{parent.info.run_id}'")
+    stages = sorted(r.data.tags["stage"] for r in children)
+    assert stages == ["compress", "compress", "infer", "infer", "train"]
+    assert all(r.info.status == "FINISHED" for r in children)
