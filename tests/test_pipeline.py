@@ -29,7 +29,7 @@ def test_pipeline_trains_compresses_benchmarks_and_writes_the_table(tmp_path):
     tracking = OmegaConf.create({"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "ernie-lab"})
     (parent,) = find_runs(tracking, "tags.stage = 'sweep'")
     assert parent.info.status == "FINISHED"
-    children = find_runs(tracking, f"tags.sweep_id = '{parent.info.run_id}'")
+    children = find_runs(tracking, f"tags.sweep_id = '{parent.info.run_id}' and tags.stage != 'sweep'")
     stages = sorted(r.data.tags["stage"] for r in children)
     assert stages == ["compress", "compress", "infer", "infer", "train"]
     assert all(r.info.status == "FINISHED" for r in children)
