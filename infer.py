@@ -5,7 +5,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from ernie_lab.cli import check_cli, run_stage
+from ernie_lab.cli import prepare_cli, run_stage
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -14,5 +14,5 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    check_cli()
+    prepare_cli()
     main()

@@ -18,8 +18,9 @@ STAGES = {
 }
 
 
-def check_cli(argv: list[str] | None = None, config_name: str = "config") -> None:
-    """Unknown config keys fail here, before Hydra starts, with the valid keys listed."""
+def prepare_cli(argv: list[str] | None = None, config_name: str = "config") -> None:
+    """Before Hydra starts: unknown config keys fail here with the valid keys listed, and SIGTERM is turned
+    into an exit that closes open MLflow runs."""
     from ernie_lab.config import check_overrides
     from ernie_lab.reporting import console
     from ernie_lab.tracking import exit_on_sigterm
@@ -41,12 +42,9 @@ def quiet_libraries() -> None:
     for category in (UserWarning, FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     logging.getLogger("paddlenlp").setLevel(logging.WARNING)
-    try:
-        from paddlenlp.utils.log import logger
+    from paddlenlp.utils.log import logger
 
-        logger.set_level("WARNING")
-    except ImportError:  # pragma: no cover
-        pass
+    logger.set_level("WARNING")
 
 
 def _in_multirun() -> bool:

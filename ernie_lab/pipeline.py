@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ernie_lab.cli import call_stage, check_cli
+from ernie_lab.cli import call_stage, prepare_cli
 from ernie_lab.errors import ErnieLabError
 
 
@@ -106,5 +106,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_cli(config_name="pipeline")
+    prepare_cli(config_name="pipeline")
     main()
