@@ -29,6 +29,13 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_value: int = 0, dtype=np.int64)
     return out
 
 
+def write_json_lines(path: Path, rows) -> None:
+    """One JSON object per line, characters written as themselves (not \\u escapes)."""
+    with path.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def read_json_lines(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line; a malformed line is an error naming file and line."""
     if not path.is_file():

@@ -6,14 +6,13 @@ every character is predicted by exactly one window (the one where it sits furthe
 metric always covers every character of the split."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
 from ernie_lab.errors import ConfigError, DataError
-from ernie_lab.tasks.base import Task, pad_batch
+from ernie_lab.tasks.base import Task, pad_batch, write_json_lines
 
 LABELS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
 ENTITY_TYPES = ("PER", "ORG", "LOC")
@@ -197,11 +196,9 @@ class MsraNerTask(Task):
         return entity_f1([ex["tags"] for ex in examples], predictions, types=ENTITY_TYPES)
 
     def write_predictions(self, examples, predictions, path: Path) -> None:
-        with path.open("w", encoding="utf-8") as fh:
-            for ex, tags in zip(examples, predictions):
-                fh.write(json.dumps({
-                    "id": ex["id"],
-                    "chars": ex["chars"],
-                    "gold_tags": ex.get("tags"),
-                    "predicted_tags": tags,
-                }, ensure_ascii=False) + "\n")
+        write_json_lines(path, ({
+            "id": ex["id"],
+            "chars": ex["chars"],
+            "gold_tags": ex.get("tags"),
+            "predicted_tags": tags,
+        } for ex, tags in zip(examples, predictions)))

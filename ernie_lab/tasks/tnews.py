@@ -1,14 +1,13 @@
 """TNEWS: 15-class news-title classification (CLUE), accuracy on dev."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from ernie_lab.errors import DataError
-from ernie_lab.tasks.base import Task, read_json_lines
+from ernie_lab.tasks.base import Task, read_json_lines, write_json_lines
 
 
 class TnewsTask(Task):
@@ -106,12 +105,10 @@ class TnewsTask(Task):
         return {"accuracy": accuracy([ex["label"] for ex in examples], predictions)}
 
     def write_predictions(self, examples, predictions, path: Path) -> None:
-        with path.open("w", encoding="utf-8") as fh:
-            for ex, pred in zip(examples, predictions):
-                fh.write(json.dumps({
-                    "id": ex["id"],
-                    "sentence": ex["text"],
-                    "label": self.label_ids[pred],
-                    "label_desc": self.label_descs[pred],
-                    "gold": self.label_ids[ex["label"]] if ex["label"] is not None else None,
-                }, ensure_ascii=False) + "\n")
+        write_json_lines(path, ({
+            "id": ex["id"],
+            "sentence": ex["text"],
+            "label": self.label_ids[pred],
+            "label_desc": self.label_descs[pred],
+            "gold": self.label_ids[ex["label"]] if ex["label"] is not None else None,
+        } for ex, pred in zip(examples, predictions)))
