@@ -61,7 +61,7 @@ def check_overrides(argv: Iterable[str], config_name: str = "config") -> None:
         key = ov.key_or_group
         if ov.package is not None or key.startswith("hydra") or ov.is_add() or ov.is_delete() or ov.is_force_add():
             continue
-        if key.split(".")[0] in GROUPS and "." not in key:
+        if key in GROUPS:
             first = next(iter(ov.sweep_string_iterator())) if ov.is_sweep_override() else ov.get_value_element_as_str()
             group_args.append(f"{key}={first}")
         else:

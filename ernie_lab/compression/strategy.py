@@ -32,11 +32,11 @@ def compress(cfg: DictConfig, run: TrackedRun) -> dict:
     if unknown or not cfg.strategy.steps or cfg.strategy.steps[0] != "export":
         raise ConfigError(f"strategy.steps={list(cfg.strategy.steps)}: steps start with export and come from {', '.join(STEPS)}")
     source = artifacts.finetuned_dir(cfg)
-    tokenizer = ErnieTokenizer.from_pretrained(str(source)) if (source / "vocab.txt").is_file() else None
-    if tokenizer is None:
+    if not (source / "vocab.txt").is_file():
         raise artifacts.MissingArtifactError(
             f"no fine-tuned checkpoint at {source}; run `python train.py task={cfg.task.name} model={cfg.model.name}` first"
         )
+    tokenizer = ErnieTokenizer.from_pretrained(str(source))
     task = build_task(cfg.task, tokenizer)
     model = load_finetuned(source, task.model_class())
     state = artifacts.read_json(source / "training_state.json")
