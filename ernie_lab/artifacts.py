@@ -3,6 +3,8 @@ leave either the old or the new file after a crash, never a torn one.
 
     <artifacts_dir>/<model>/<init>/<task>/finetuned/            train.py
     <artifacts_dir>/<model>/<init>/<task>/export/<strategy>/    compress.py (model.pdmodel, model.pdiparams, manifest.json)
+    <artifacts_dir>/<model>/<init>/<task>/export/<strategy>-w0.67/   the same for a pruned strategy, per width
+    <artifacts_dir>/<model>/<init>/<task>/dynabert/             compress.py: the width-adaptive model pruning cuts from
 """
 from __future__ import annotations
 
@@ -30,8 +32,20 @@ def finetuned_dir(cfg: DictConfig) -> Path:
     return task_dir(cfg) / "finetuned"
 
 
+def export_name(cfg: DictConfig, strategy: str) -> str:
+    """The export's directory name. Pruned strategies carry the width (`dynabert-w0.67`), so several widths
+    can exist side by side; `strategy` is the configured one or its INT8 counterpart, which is pruned alike."""
+    if "prune" in cfg.strategy.steps:
+        return f"{strategy}-w{float(cfg.prune.width_mult):.2f}"
+    return strategy
+
+
 def export_dir(cfg: DictConfig, strategy: str) -> Path:
-    return task_dir(cfg) / "export" / strategy
+    return task_dir(cfg) / "export" / export_name(cfg, strategy)
+
+
+def width_adaptive_dir(cfg: DictConfig) -> Path:
+    return task_dir(cfg) / "dynabert"
 
 
 @contextmanager

@@ -8,7 +8,12 @@ STRATEGY_TITLES = {"none": "", "ptq": "", "dynabert": "+pruned", "dynabert_ptq":
 
 
 def variant_name(model: str, strategy: str, precision: str) -> str:
-    return f"{model}{STRATEGY_TITLES.get(strategy, '+' + strategy)}+{precision.upper()}"
+    """`ernie-3.0-medium+pruned(w0.67)+INT8` from the export label `dynabert_ptq-w0.67` and `int8`."""
+    base, _, width = strategy.partition("-")
+    title = STRATEGY_TITLES.get(base, "+" + base)
+    if width:
+        title += f"({width})"
+    return f"{model}{title}+{precision.upper()}"
 
 
 def results_from_runs(runs: list) -> list[dict]:

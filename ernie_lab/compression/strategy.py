@@ -16,7 +16,7 @@ from ernie_lab.reporting import console, progress
 from ernie_lab.tasks import build_task
 from ernie_lab.tracking import TrackedRun
 
-STEPS = ("export", "quantize")
+STEPS = ("prune", "export", "quantize")
 EXPORT_CHECK_SAMPLES = 64
 
 
@@ -28,9 +28,10 @@ def weights_kind(strategy: DictConfig) -> str:
 def compress(cfg: DictConfig, run: TrackedRun) -> dict:
     from paddlenlp.transformers import ErnieTokenizer
 
-    unknown = [s for s in cfg.strategy.steps if s not in STEPS]
-    if unknown or not cfg.strategy.steps or cfg.strategy.steps[0] != "export":
-        raise ConfigError(f"strategy.steps={list(cfg.strategy.steps)}: steps start with export and come from {', '.join(STEPS)}")
+    steps = list(cfg.strategy.steps)
+    known = [s for s in steps if s in STEPS]
+    if known != steps or sorted(steps, key=STEPS.index) != steps or "export" not in steps or len(set(steps)) != len(steps):
+        raise ConfigError(f"strategy.steps={steps}: steps come from {', '.join(STEPS)}, in that order, export included")
     source = artifacts.finetuned_dir(cfg)
     if not (source / "vocab.txt").is_file():
         raise artifacts.MissingArtifactError(
@@ -38,10 +39,15 @@ def compress(cfg: DictConfig, run: TrackedRun) -> dict:
         )
     tokenizer = ErnieTokenizer.from_pretrained(str(source))
     task = build_task(cfg.task, tokenizer)
-    model = load_finetuned(source, task.model_class())
     state = artifacts.read_json(source / "training_state.json")
-
     out_dir = artifacts.export_dir(cfg, cfg.strategy.name)
+    pruning = None
+    if "prune" in steps:
+        from ernie_lab.compression.dynabert import prune_step
+
+        model, pruning = prune_step(cfg, task, source, run)
+    else:
+        model = load_finetuned(source, task.model_class())
     heldout = task.load("heldout")
     manifest: dict = {
         "task": cfg.task.name,
@@ -54,6 +60,7 @@ def compress(cfg: DictConfig, run: TrackedRun) -> dict:
         "source_checkpoint": str(source),
         "source_checkpoint_metric": state.get("best", {}).get("scores"),
         "parameters": count_parameters(model),
+        **({"pruning": pruning} if pruning else {}),
         "inputs": list(INPUT_NAMES),
         "outputs": list(task.output_names),
         "max_seq_length": int(cfg.task.max_seq_length),
@@ -63,17 +70,19 @@ def compress(cfg: DictConfig, run: TrackedRun) -> dict:
     with artifacts.atomic_dir(out_dir) as work:
         float_dir = work / "float" if "quantize" in cfg.strategy.steps else work
         float_dir.mkdir(exist_ok=True)
-        console.print(f"[bold]export[/] {cfg.task.name}/{cfg.model.name} -> static model")
+        console.print(f"[bold]export[/] {cfg.task.name}/{cfg.model.name} -> static model ({out_dir.name})")
         export_static(model, float_dir)
         manifest["export_check"] = check_export(model, task, float_dir, heldout[:EXPORT_CHECK_SAMPLES])
         if "quantize" in cfg.strategy.steps:
-            manifest["calibration"] = quantize_step(cfg, task, heldout, float_dir, work)
+            manifest["calibration"] = quantize_step(cfg, task, heldout, float_dir, work, run, model)
             shutil.rmtree(float_dir)
         tokenizer.save_pretrained(str(work))  # the export carries its own vocabulary: infer needs nothing else
         manifest["file_size_bytes"] = sum((work / f).stat().st_size for f in manifest["files"])
         manifest["created_at"] = artifacts.now_iso()
         artifacts.write_json_atomic(work / artifacts.MANIFEST, manifest)
     run.log_dict(manifest, "manifest.json")
+    if pruning:
+        run.set_tags({"width_mult": f"{pruning['width_mult']:.2f}"})
     run.log_metrics({
         "export/file_size_mb": manifest["file_size_bytes"] / 2**20,
         "export/parameters": manifest["parameters"],
@@ -111,26 +120,27 @@ def check_export(model, task, model_dir: Path, examples: list[dict]) -> dict:
     return {"samples": len(features), "max_abs_diff": diff}
 
 
-def quantize_step(cfg: DictConfig, task, heldout: list[dict], float_dir: Path, out_dir: Path) -> dict:
-    from ernie_lab.compression.quantize import quantize_ptq
+def quantize_step(cfg: DictConfig, task, heldout: list[dict], float_dir: Path, out_dir: Path, run: TrackedRun,
+                  model) -> dict:
+    """INT8 model files into `out_dir`: one calibration as `quantize` says, or the best of `quantize.search`.
+    `model` is the exported dygraph model (its parameter names locate the `quantize.skip` layers)."""
+    from ernie_lab.compression.ptq_search import calibrate, search
+    from ernie_lab.compression.quantize import skip_tensor_names
 
     q = cfg.quantize
+    skip_tensors = skip_tensor_names(model, list(q.skip))
+    settings = OmegaConf.to_container(q, resolve=True)
+    common = {"split": "heldout", "heldout_seed": int(cfg.task.data.heldout_seed), "skip_tensors": skip_tensors}
+    if q.search.enabled:
+        summary = search(cfg, task, heldout, float_dir, out_dir, skip_tensors, run)
+        (chosen,) = [c for c in summary["candidates"] if c["name"] == summary["chosen"]]
+        return {**common, "samples": chosen["calibration_features"], **settings,
+                "algo": chosen["algo"], "batch_nums": chosen["batch_nums"], "search": summary}
     n = int(q.batch_size) * int(q.batch_nums)
     if len(heldout) < n:
         raise ConfigError(
             f"calibration wants {n} samples (quantize.batch_size*batch_nums) but the held-out slice "
             f"has {len(heldout)} (task.data.heldout_size)"
         )
-    features = task.featurize(heldout[:n], training=False)
-    feeds = [task.collate(chunk) for chunk in batches(features, int(q.batch_size))]
-    # hist/KL read the calibration data twice (range pass, then histogram pass)
-    passes = 2 if q.algo in ("hist", "KL") else 1
-    with progress() as bar:
-        job = bar.add_task(f"calibrate ({q.algo})", total=len(feeds) * passes, info=f"{n} held-out samples")
-        quantize_ptq(float_dir, out_dir, feeds, q, on_batch=lambda: bar.advance(job))
-    return {
-        "split": "heldout",
-        "samples": len(features),
-        "heldout_seed": int(cfg.task.data.heldout_seed),
-        **OmegaConf.to_container(q, resolve=True),
-    }
+    samples, _ = calibrate(task, heldout[:n], float_dir, out_dir, q, skip_tensors)
+    return {**common, "samples": samples, **settings}

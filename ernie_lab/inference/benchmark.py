@@ -32,6 +32,8 @@ def resolve_export(cfg: DictConfig) -> tuple[Path, dict]:
         name = strategy.name
     directory = artifacts.export_dir(cfg, name)
     made_by = f"python compress.py task={cfg.task.name} model={cfg.model.name} strategy={name}"
+    if "prune" in strategy.steps:
+        made_by += f" prune.width_mult={cfg.prune.width_mult}"
     manifest = artifacts.read_manifest(directory, made_by)
     if manifest.get("task") != cfg.task.name or manifest.get("model") != cfg.model.name:
         raise MissingArtifactError(
@@ -53,6 +55,7 @@ def infer(cfg: DictConfig, run: TrackedRun) -> dict:
     from paddlenlp.transformers import ErnieTokenizer
 
     model_dir, manifest = resolve_export(cfg)
+    label = model_dir.name  # the strategy, with the width for pruned ones (dynabert_ptq-w0.67)
     tokenizer = ErnieTokenizer.from_pretrained(str(model_dir))
     task = build_task(cfg.task, tokenizer)
     bench = cfg.benchmark
@@ -65,7 +68,7 @@ def infer(cfg: DictConfig, run: TrackedRun) -> dict:
     feeds = [task.collate(chunk) for chunk in chunks]
     t2 = time.perf_counter()
     console.print(
-        f"[bold]infer[/] {cfg.task.name} {manifest['strategy']} {cfg.precision.name} on {cfg.runtime.name} "
+        f"[bold]infer[/] {cfg.task.name} {label} {cfg.precision.name} on {cfg.runtime.name} "
         f"({cfg.runtime.threads} threads): {len(examples)} examples, {len(features)} features, "
         f"{len(feeds)} batches of {bench.batch_size}"
     )
@@ -79,7 +82,7 @@ def infer(cfg: DictConfig, run: TrackedRun) -> dict:
     scores = task.metrics(examples, predictions)
     t4 = time.perf_counter()
 
-    path = predictions_path(cfg, manifest["strategy"], task.predictions_suffix)
+    path = predictions_path(cfg, label, task.predictions_suffix)
     task.write_predictions(examples, predictions, path)
     run.log_artifact(path)
     run.log_dict(manifest, "manifest.json")
@@ -108,12 +111,14 @@ def infer(cfg: DictConfig, run: TrackedRun) -> dict:
         "export.strategy": manifest["strategy"],
         "export.parameters": manifest.get("parameters"),
     })
-    run.set_tags({"export_strategy": manifest["strategy"], "primary_metric": task.primary_metric})
+    run.set_tags({"export_strategy": label, "primary_metric": task.primary_metric})
+    if "pruning" in manifest:
+        run.set_tags({"width_mult": f"{manifest['pruning']['width_mult']:.2f}"})
     run.log_metrics(metrics)
     console.print(table(
-        f"{cfg.task.name} · {cfg.model.name} · {manifest['strategy']} · {cfg.precision.name}",
+        f"{cfg.task.name} · {cfg.model.name} · {label} · {cfg.precision.name}",
         ["metric", "value"],
         [(k, fmt(v)) for k, v in metrics.items() if k.startswith(("perf/qps", "perf/latency", "perf/peak", "eval/"))],
     ))
-    return {"task": cfg.task.name, "strategy": manifest["strategy"], "precision": cfg.precision.name,
+    return {"task": cfg.task.name, "strategy": label, "precision": cfg.precision.name,
             "primary_metric": task.primary_metric, "predictions": str(path), **metrics}

@@ -1,0 +1,456 @@
+"""DynaBERT width pruning of a fine-tuned ERNIE, in four steps:
+
+1. importance: how much the task loss depends on each attention head and FFN neuron, measured on held-out
+   examples of train (never the eval split);
+2. reorder: heads and neurons of every layer sorted by importance, so that "the first k" is always the most
+   important k (a permutation: the model computes exactly the same function);
+3. width-adaptive distillation: the reordered model learns from the frozen fine-tuned teacher at every width
+   in `prune.train_widths` at once, the narrower widths sharing the first heads/neurons of the wider ones;
+4. slice: the chosen `prune.width_mult` cut out as a physically smaller model (fewer heads of the same head
+   size, narrower FFN) that exports like any other.
+
+Widths are simulated during training by masking (a head's context or a neuron's activation multiplied by 0),
+which gives the sliced model's outputs exactly; the sliced model is checked against the masked one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from ernie_lab import artifacts
+from ernie_lab.errors import ConfigError
+from ernie_lab.inference.batching import batches
+from ernie_lab.reporting import console, fmt, progress, table
+
+STATE_FILE = "dynabert_state.json"
+
+
+# ---- structure ----------------------------------------------------------------------------------------------
+def encoder_layers(model) -> list:
+    """The transformer layers of any PaddleNLP ERNIE task model, in order."""
+    import paddle
+
+    layers = [m for m in model.sublayers() if isinstance(m, paddle.nn.TransformerEncoderLayer)]
+    if not layers:
+        raise ConfigError(f"{type(model).__name__} has no TransformerEncoderLayer to prune")
+    return layers
+
+
+@dataclass(frozen=True)
+class Width:
+    """How many heads and FFN neurons a width multiplier keeps in a layer (at least one of each)."""
+
+    heads: int
+    neurons: int
+
+    @classmethod
+    def of(cls, layer, width_mult: float) -> "Width":
+        return cls(max(1, round(layer.self_attn.num_heads * width_mult)),
+                   max(1, round(layer.linear1.weight.shape[1] * width_mult)))
+
+
+def width_label(width_mult: float) -> str:
+    return f"w{float(width_mult):.2f}"
+
+
+def check_widths(prune: DictConfig) -> list[float]:
+    widths = sorted({float(w) for w in prune.train_widths}, reverse=True)
+    if not widths or any(not 0.0 < w <= 1.0 for w in widths):
+        raise ConfigError(f"prune.train_widths={list(prune.train_widths)}: each width must be in (0, 1]")
+    if not any(math.isclose(float(prune.width_mult), w, abs_tol=1e-6) for w in widths):
+        raise ConfigError(
+            f"prune.width_mult={prune.width_mult} was not trained; choose one of prune.train_widths={widths} "
+            f"or add it there"
+        )
+    return widths
+
+
+# ---- 1. importance --------------------------------------------------------------------------------------------
+def importance(model, task, features: list[dict], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Head importance [layers, heads] and neuron importance [layers, ffn]: |dL/d(gate)| summed over batches,
+    where a gate scales one head's context (or one neuron's activation) and L is the task loss.
+
+    The gradient of a gate is the dot product of the matching rows of the next projection with their gradient
+    (out_proj rows for a head, linear2 rows for a neuron), so no gates need to be inserted."""
+    import paddle
+
+    from ernie_lab.training import to_tensors
+
+    layers = encoder_layers(model)
+    heads = np.zeros((len(layers), layers[0].self_attn.num_heads))
+    neurons = np.zeros((len(layers), layers[0].linear1.weight.shape[1]))
+    model.eval()  # no dropout: importance of the function the model computes
+    for chunk in batches(features, batch_size):
+        batch = to_tensors(task.collate(chunk, with_labels=True))
+        loss = task.loss(model(batch["input_ids"], token_type_ids=batch["token_type_ids"]), batch)
+        loss.backward()
+        for i, layer in enumerate(layers):
+            attn = layer.self_attn
+            out_w = attn.out_proj.weight  # [heads*head_dim, hidden]
+            per_row = (out_w * out_w.grad).sum(axis=1).reshape([attn.num_heads, attn.head_dim]).sum(axis=1)
+            heads[i] += np.abs(per_row.numpy())
+            ffn_w = layer.linear2.weight  # [ffn, hidden]
+            neurons[i] += np.abs((ffn_w * ffn_w.grad).sum(axis=1).numpy())
+        model.clear_gradients()
+    return heads, neurons
+
+
+# ---- 2. reorder ---------------------------------------------------------------------------------------------
+def _permute(param, index: np.ndarray, axis: int) -> None:
+    import paddle
+
+    param.set_value(paddle.index_select(param, paddle.to_tensor(index, dtype="int64"), axis=axis))
+
+
+def reorder(model, heads: np.ndarray, neurons: np.ndarray) -> None:
+    """Sort each layer's heads and neurons by importance, most important first (the function is unchanged)."""
+    import paddle
+
+    with paddle.no_grad():
+        for layer, head_score, neuron_score in zip(encoder_layers(model), heads, neurons):
+            attn = layer.self_attn
+            head_order = np.argsort(-head_score, kind="stable")
+            columns = (head_order[:, None] * attn.head_dim + np.arange(attn.head_dim)[None, :]).reshape(-1)
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                _permute(proj.weight, columns, axis=1)
+                _permute(proj.bias, columns, axis=0)
+            _permute(attn.out_proj.weight, columns, axis=0)
+            neuron_order = np.argsort(-neuron_score, kind="stable")
+            _permute(layer.linear1.weight, neuron_order, axis=1)
+            _permute(layer.linear1.bias, neuron_order, axis=0)
+            _permute(layer.linear2.weight, neuron_order, axis=0)
+
+
+# ---- 3. width-adaptive model -----------------------------------------------------------------------------------
+class WidthMasks:
+    """Makes a reordered full-width model behave as its first-k-heads / first-k-neurons sub-network.
+
+    Forward pre-hooks zero the context of dropped heads before out_proj and the activations of dropped neurons
+    before linear2, which is exactly what slicing those rows away computes."""
+
+    def __init__(self, model):
+        import paddle
+
+        self.layers = encoder_layers(model)
+        self.width = 1.0
+        self.masks: dict[float, list[tuple]] = {}
+        self.handles = []
+        for i, layer in enumerate(self.layers):
+            self.handles.append(layer.self_attn.out_proj.register_forward_pre_hook(self._hook(i, 0)))
+            self.handles.append(layer.linear2.register_forward_pre_hook(self._hook(i, 1)))
+        self._paddle = paddle
+
+    def _mask(self, width: float) -> list[tuple]:
+        if width not in self.masks:
+            per_layer = []
+            for layer in self.layers:
+                keep = Width.of(layer, width)
+                attn = layer.self_attn
+                head_mask = np.zeros(attn.num_heads * attn.head_dim, dtype="float32")
+                head_mask[: keep.heads * attn.head_dim] = 1.0
+                neuron_mask = np.zeros(layer.linear1.weight.shape[1], dtype="float32")
+                neuron_mask[: keep.neurons] = 1.0
+                per_layer.append((self._paddle.to_tensor(head_mask), self._paddle.to_tensor(neuron_mask)))
+            self.masks[width] = per_layer
+        return self.masks[width]
+
+    def _hook(self, layer_index: int, which: int):
+        def hook(_layer, inputs):
+            if self.width >= 1.0:
+                return None
+            return (inputs[0] * self._mask(self.width)[layer_index][which],) + tuple(inputs[1:])
+        return hook
+
+    @contextmanager
+    def at(self, width: float) -> Iterator[None]:
+        previous, self.width = self.width, float(width)
+        try:
+            yield
+        finally:
+            self.width = previous
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class HiddenStates:
+    """Collects every encoder layer's output during a forward pass (for hidden-state distillation)."""
+
+    def __init__(self, model):
+        self.outputs: list = []
+        self.handles = [layer.register_forward_post_hook(self._keep) for layer in encoder_layers(model)]
+
+    def _keep(self, _layer, _inputs, output):
+        self.outputs.append(output)
+
+    def take(self) -> list:
+        out, self.outputs = self.outputs, []
+        return out
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def distillation_loss(student, teacher, token_mask, temperature: float):
+    """Soft cross-entropy of every output against the teacher's, over the last axis. Per-token class logits
+    ([batch, tokens, classes]) are averaged over real tokens only."""
+    import paddle
+    import paddle.nn.functional as F
+
+    total = 0.0
+    for s, t in zip(student, teacher):
+        soft = F.softmax(t / temperature, axis=-1)
+        per_row = -(soft * F.log_softmax(s / temperature, axis=-1)).sum(axis=-1)
+        if per_row.ndim == 2:  # one value per token
+            mask = token_mask.astype(per_row.dtype)
+            total = total + (per_row * mask).sum() / paddle.clip(mask.sum(), min=1.0)
+        else:
+            total = total + per_row.mean()
+    return total * temperature ** 2
+
+
+def train_width_adaptive(student, teacher, task, features: list[dict], prune: DictConfig, widths: list[float],
+                         seed: int, run) -> dict:
+    """Distil the teacher into every width of the student; one optimizer step per batch covers all widths."""
+    import paddle
+    import paddle.nn.functional as F
+    from paddlenlp.transformers import LinearDecayWithWarmup
+
+    from ernie_lab.training import as_tuple, to_tensors
+
+    tc = prune.train
+    steps_per_epoch = math.ceil(len(features) / int(tc.batch_size))
+    total_steps = steps_per_epoch * int(tc.epochs)
+    if tc.max_steps is not None:
+        total_steps = min(total_steps, int(tc.max_steps))
+    if total_steps < 1:
+        raise ConfigError(f"prune.train gives no steps (epochs={tc.epochs}, max_steps={tc.max_steps})")
+    scheduler = LinearDecayWithWarmup(float(tc.learning_rate), total_steps, float(tc.warmup_proportion))
+    no_decay = {p.name for n, p in student.named_parameters() if "bias" in n or "norm" in n}
+    optimizer = paddle.optimizer.AdamW(
+        learning_rate=scheduler, parameters=student.parameters(), weight_decay=float(tc.weight_decay),
+        apply_decay_param_fun=lambda name: name not in no_decay,
+        grad_clip=paddle.nn.ClipGradByGlobalNorm(float(tc.max_grad_norm)) if tc.max_grad_norm else None,
+    )
+    masks, student_hidden, teacher_hidden = WidthMasks(student), HiddenStates(student), HiddenStates(teacher)
+    hidden_weight, temperature = float(prune.distill.hidden_weight), float(prune.distill.temperature)
+    pad_id = task.tokenizer.pad_token_id
+    rng = np.random.default_rng(seed)
+    teacher.eval()
+    losses: list[float] = []
+    step = 0
+    started = time.perf_counter()
+    try:
+        with progress() as bar:
+            job = bar.add_task(f"distil widths {', '.join(width_label(w) for w in widths)}", total=total_steps, info="")
+            while step < total_steps:
+                student.train()
+                order = rng.permutation(len(features))
+                for start in range(0, len(order), int(tc.batch_size)):
+                    chunk = [features[i] for i in order[start : start + int(tc.batch_size)]]
+                    batch = to_tensors(task.collate(chunk))
+                    token_mask = batch["input_ids"] != pad_id
+                    with paddle.no_grad():
+                        teacher_out = as_tuple(teacher(batch["input_ids"], token_type_ids=batch["token_type_ids"]))
+                        teacher_states = teacher_hidden.take()
+                    step_loss = 0.0
+                    for width in widths:
+                        with masks.at(width):
+                            out = as_tuple(student(batch["input_ids"], token_type_ids=batch["token_type_ids"]))
+                        loss = distillation_loss(out, teacher_out, token_mask, temperature)
+                        states = student_hidden.take()
+                        if hidden_weight:
+                            loss = loss + hidden_weight * sum(F.mse_loss(s, t) for s, t in zip(states, teacher_states))
+                        loss.backward()  # gradients of all widths add up before the one step
+                        step_loss += float(loss)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.clear_grad()
+                    step += 1
+                    losses.append(step_loss / len(widths))
+                    if step % int(tc.log_every_steps) == 0 or step == total_steps:
+                        recent = float(np.mean(losses[-int(tc.log_every_steps):]))
+                        run.log_metrics({"prune/distill_loss": recent, "prune/lr": scheduler.get_lr()}, step=step)
+                        bar.update(job, info=f"loss {recent:.4f}")
+                    bar.advance(job)
+                    if step >= total_steps:
+                        break
+    finally:
+        masks.remove()
+        student_hidden.remove()
+        teacher_hidden.remove()
+    window = max(1, min(20, len(losses) // 5))
+    return {"steps": step, "seconds": time.perf_counter() - started,
+            "loss_first": float(np.mean(losses[:window])), "loss_last": float(np.mean(losses[-window:]))}
+
+
+def evaluate_widths(model, task, examples: list[dict], widths: list[float], batch_size: int) -> dict[str, dict]:
+    """The task metric of every width of a width-adaptive model (dygraph, masked)."""
+    from ernie_lab.training import predict_dygraph
+
+    features = task.featurize(examples, training=False)
+    masks = WidthMasks(model)
+    scores = {}
+    try:
+        for width in widths:
+            with masks.at(width):
+                outputs = predict_dygraph(model, task, features, batch_size)
+            scores[width_label(width)] = task.metrics(examples, task.postprocess(examples, features, outputs))
+    finally:
+        masks.remove()
+    return scores
+
+
+# ---- 4. slice -----------------------------------------------------------------------------------------------
+def _linear_from(weight: np.ndarray, bias: np.ndarray | None):
+    import paddle
+
+    layer = paddle.nn.Linear(weight.shape[0], weight.shape[1], bias_attr=None if bias is not None else False)
+    layer.weight.set_value(weight)
+    if bias is not None:
+        layer.bias.set_value(bias)
+    return layer
+
+
+def slice_to_width(model, width_mult: float) -> list[dict]:
+    """Cut every layer of a reordered model down to its first heads/neurons in place; head size is kept
+    (8 heads of 64 for 2/3 of Medium, not 8 heads of 96). Returns the kept sizes per layer."""
+    kept = []
+    for layer in encoder_layers(model):
+        keep = Width.of(layer, width_mult)
+        attn = layer.self_attn
+        cols = keep.heads * attn.head_dim
+        for name in ("q_proj", "k_proj", "v_proj"):
+            proj = getattr(attn, name)
+            setattr(attn, name, _linear_from(proj.weight.numpy()[:, :cols], proj.bias.numpy()[:cols]))
+        attn.out_proj = _linear_from(attn.out_proj.weight.numpy()[:cols], attn.out_proj.bias.numpy())
+        attn.num_heads = keep.heads  # head_dim stays: the reshape in MultiHeadAttention uses both
+        layer.linear1 = _linear_from(layer.linear1.weight.numpy()[:, : keep.neurons], layer.linear1.bias.numpy()[: keep.neurons])
+        layer.linear2 = _linear_from(layer.linear2.weight.numpy()[: keep.neurons], layer.linear2.bias.numpy())
+        kept.append({"heads": keep.heads, "head_size": attn.head_dim, "ffn": keep.neurons})
+    model.eval()
+    return kept
+
+
+# ---- the prune step ---------------------------------------------------------------------------------------------
+def settings_key(cfg: DictConfig, source_state: dict) -> str:
+    """What a width-adaptive model depends on: pruning settings and the exact fine-tuned checkpoint."""
+    prune = OmegaConf.to_container(cfg.prune, resolve=True)
+    prune.pop("width_mult", None)  # any trained width can be cut from the same model
+    prune.pop("reuse", None)
+    blob = json.dumps({"prune": prune, "source": source_state.get("created_at"), "seed": int(cfg.seed),
+                       "heldout": OmegaConf.to_container(cfg.task.data, resolve=True)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def width_adaptive_model(cfg: DictConfig, task, source: Path, run) -> tuple[object, dict]:
+    """The reordered, distilled full-width model: reused from disk when the same settings made it before
+    (so dynabert and dynabert_ptq, or several widths, train once), otherwise built and saved atomically."""
+    import paddle
+
+    from ernie_lab.modeling import load_finetuned
+
+    prune = cfg.prune
+    widths = check_widths(prune)
+    source_state = artifacts.read_json(source / "training_state.json")
+    key = settings_key(cfg, source_state)
+    out_dir = artifacts.width_adaptive_dir(cfg)
+    state = artifacts.read_json(out_dir / STATE_FILE)
+    if prune.reuse and state.get("settings_key") == key and (out_dir / "config.json").is_file():
+        console.print(f"[bold]prune[/] reusing the width-adaptive model in {out_dir} (same checkpoint and settings)")
+        run.set_tags({"prune_reused": "true"})
+        return load_finetuned(out_dir, task.model_class()), state
+
+    paddle.seed(int(cfg.seed))
+    teacher = load_finetuned(source, task.model_class())
+    student = load_finetuned(source, task.model_class())
+    n_importance = int(prune.importance.samples)
+    heldout = task.load("heldout")
+    if len(heldout) < n_importance:
+        raise ConfigError(
+            f"prune.importance.samples={n_importance} but the held-out slice has {len(heldout)} examples "
+            f"(task.data.heldout_size / task.data.limit.heldout)"
+        )
+    console.print(f"[bold]prune[/] importance of heads and neurons on {n_importance} held-out examples")
+    # training=True: importance needs the labels of the held-out examples
+    heads, neurons = importance(student, task, task.featurize(heldout[:n_importance], training=True),
+                                int(prune.importance.batch_size))
+    reorder(student, heads, neurons)
+
+    train_features = task.featurize(task.load("train"), training=True)
+    console.print(f"[bold]prune[/] distilling {len(train_features)} train features into widths {widths}")
+    training = train_width_adaptive(student, teacher, task, train_features, prune, widths, int(cfg.seed), run)
+
+    eval_examples = heldout[n_importance : n_importance + int(prune.eval_samples)] or heldout[: int(prune.eval_samples)]
+    scores = evaluate_widths(student, task, eval_examples, widths, int(cfg.benchmark.batch_size))
+    teacher_scores = evaluate_widths(teacher, task, eval_examples, [1.0], int(cfg.benchmark.batch_size))[width_label(1.0)]
+    state = {
+        "settings_key": key,
+        "source_checkpoint": str(source),
+        "source_created_at": source_state.get("created_at"),
+        "train_widths": widths,
+        "training": training,
+        "heldout_eval_examples": len(eval_examples),
+        "heldout_scores": {"teacher": teacher_scores, **scores},
+        "head_importance": heads.round(6).tolist(),
+        "neuron_importance_sorted_top": [sorted(row, reverse=True)[:8] for row in neurons.round(6).tolist()],
+        "settings": OmegaConf.to_container(prune, resolve=True),
+        "created_at": artifacts.now_iso(),
+    }
+    with artifacts.atomic_dir(out_dir) as tmp:
+        student.save_pretrained(str(tmp))
+        task.tokenizer.save_pretrained(str(tmp))
+        artifacts.write_json_atomic(tmp / STATE_FILE, state)
+    metric = task.primary_metric
+    run.log_metrics({
+        "prune/loss_first": training["loss_first"], "prune/loss_last": training["loss_last"],
+        "prune/seconds": training["seconds"], f"prune/heldout_{metric}_teacher": teacher_scores[metric],
+        **{f"prune/heldout_{metric}_{label}": s[metric] for label, s in scores.items()},
+    })
+    console.print(table(
+        f"held-out {metric} by width ({len(eval_examples)} examples, dygraph)", ["model", metric],
+        [("teacher (fine-tuned)", fmt(teacher_scores[metric]))] + [(label, fmt(s[metric])) for label, s in scores.items()],
+    ))
+    return student, state
+
+
+def prune_step(cfg: DictConfig, task, source: Path, run) -> tuple[object, dict]:
+    """The pruned dygraph model at `prune.width_mult` and what the manifest says about it."""
+    from ernie_lab.modeling import count_parameters
+
+    model, state = width_adaptive_model(cfg, task, source, run)
+    full_parameters = count_parameters(model)
+    full_heads = [layer.self_attn.num_heads for layer in encoder_layers(model)]
+    full_ffn = [layer.linear1.weight.shape[1] for layer in encoder_layers(model)]
+    width = float(cfg.prune.width_mult)
+    kept = slice_to_width(model, width)
+    info = {
+        "method": "dynabert",
+        "width_mult": width,
+        "full_heads_per_layer": full_heads,
+        "full_ffn_per_layer": full_ffn,
+        "heads_per_layer": [k["heads"] for k in kept],
+        "head_size": kept[0]["head_size"],
+        "ffn_per_layer": [k["ffn"] for k in kept],
+        "full_parameters": full_parameters,
+        "pruned_parameters": count_parameters(model),
+        "width_adaptive_model": str(artifacts.width_adaptive_dir(cfg)),
+        "train_widths": state.get("train_widths"),
+        "heldout_scores": state.get("heldout_scores"),
+    }
+    console.print(
+        f"[bold]prune[/] {width_label(width)}: heads {full_heads[0]} -> {kept[0]['heads']}, FFN {full_ffn[0]} -> "
+        f"{kept[0]['ffn']}, parameters {full_parameters / 1e6:.2f}M -> {info['pruned_parameters'] / 1e6:.2f}M"
+    )
+    return model, info
