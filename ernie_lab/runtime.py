@@ -27,9 +27,18 @@ def check_precision(runtime: DictConfig, precision: str) -> None:
                 "Use precision=bf16 on a CPU with AVX512-BF16/AMX, or runtime=gpu for fp16."
             )
         if precision == "bf16" and runtime.device == "gpu":
-            raise ConfigError("precision=bf16 is a CPU (oneDNN) precision here; on runtime=gpu use precision=fp16")
+            raise ConfigError(
+                "precision='bf16' is a CPU (oneDNN) precision here and cannot run on runtime=gpu; "
+                f"choose one of: {', '.join(runtime.precisions)} (fp16 is the GPU's half precision)"
+            )
         raise ConfigError(
             f"precision={precision!r} cannot run on runtime={runtime.name}; valid there: {', '.join(runtime.precisions)}"
+        )
+    if runtime.device == "gpu" and precision == "int8" and not runtime.tensorrt.enabled:
+        # Paddle's own GPU kernels would run the quantize/dequantize ops in float: a mislabelled FP32 run.
+        raise ConfigError(
+            "precision=int8 on runtime=gpu needs TensorRT (runtime.tensorrt.enabled=true); "
+            "with runtime.tensorrt.enabled=false choose one of: fp32, fp16"
         )
     gap = hardware_gap(runtime, precision)
     if gap:
@@ -46,7 +55,88 @@ def hardware_gap(runtime: DictConfig, precision: str) -> str | None:
                 f"precision=bf16 needs a CPU with AVX512-BF16 or AMX-BF16; this one ({cpu_model()}) has neither, "
                 "and Paddle Inference would silently run FP32 instead. Use precision=fp32 or precision=int8 here."
             )
+    if runtime.device == "gpu":
+        return gpu_gap(runtime, tensorrt=bool(runtime.tensorrt.enabled))
     return None
+
+
+def gpu_gap(runtime: DictConfig, tensorrt: bool) -> str | None:
+    """Why this process cannot run paddle on `runtime.gpu_id` (with TensorRT if `tensorrt`), or None.
+    Imports paddle: call after the thread settings of `prepare`."""
+    import paddle
+    from paddle import inference
+
+    if not paddle.device.is_compiled_with_cuda():
+        return (
+            "runtime=gpu needs paddlepaddle-gpu, but this environment has the CPU build of paddlepaddle. "
+            "Install the GPU stack with `make setup DEVICE=gpu` (scripts/setup.sh gpu), or use runtime=cpu."
+        )
+    count = paddle.device.cuda.device_count()
+    if count == 0:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+        return (
+            f"runtime=gpu: paddlepaddle-gpu sees no GPU (CUDA_VISIBLE_DEVICES={visible}; `nvidia-smi` should list "
+            "one, with a driver loaded). Use runtime=cpu on this machine."
+        )
+    if not 0 <= int(runtime.gpu_id) < count:
+        return f"runtime.gpu_id={runtime.gpu_id} is not a visible GPU; choose one of: {', '.join(map(str, range(count)))}"
+    if not tensorrt:
+        return None
+    built = inference.get_trt_compile_version()
+    if not any(built):
+        return (
+            "runtime.tensorrt.enabled=true, but this paddlepaddle-gpu build has no TensorRT support "
+            "(paddle.inference.get_trt_compile_version() is 0.0.0). Install a TensorRT build of paddlepaddle-gpu, "
+            "or set runtime.tensorrt.enabled=false (fp32/fp16 on Paddle's own GPU kernels)."
+        )
+    # Paddle dlopens the unversioned libnvinfer.so when the first engine is built; a failure there can abort
+    # the process, so try the same load here, where it is a clean error.
+    problem = _load_error("libnvinfer.so")
+    if problem:
+        return (
+            f"runtime.tensorrt.enabled=true: paddlepaddle-gpu was built against TensorRT {_dotted(built)}, but "
+            f"libnvinfer.so cannot be loaded ({problem}). Install TensorRT {built[0]}.x and put its lib directory on "
+            "LD_LIBRARY_PATH, or set runtime.tensorrt.enabled=false."
+        )
+    found = inference.get_trt_runtime_version()
+    if found[0] != built[0]:
+        return (
+            f"runtime.tensorrt.enabled=true: the TensorRT on the library path is {_dotted(found)}, but "
+            f"paddlepaddle-gpu was built against {_dotted(built)}; install TensorRT {built[0]}.x."
+        )
+    return None
+
+
+def _load_error(library: str) -> str | None:
+    try:
+        ctypes.CDLL(library)
+    except OSError as exc:
+        return str(exc)
+    return None
+
+
+def _dotted(version) -> str:
+    return ".".join(str(v) for v in version)
+
+
+def gpu_info(runtime: DictConfig) -> dict:
+    """What a GPU result depends on (logged with every run; part of the TensorRT engine cache key)."""
+    import paddle
+    from paddle import inference
+
+    gpu_id = int(runtime.gpu_id)
+    major, minor = paddle.device.cuda.get_device_capability(gpu_id)
+    info = {
+        "gpu_name": paddle.device.cuda.get_device_name(gpu_id),
+        "gpu_capability": f"{major}.{minor}",
+        "cuda": paddle.version.cuda(),
+        "cudnn": paddle.version.cudnn(),
+        "paddle": paddle.__version__,
+        "tensorrt_built": _dotted(inference.get_trt_compile_version()),
+    }
+    if runtime.tensorrt.enabled and _load_error("libnvinfer.so") is None:
+        info["tensorrt_runtime"] = _dotted(inference.get_trt_runtime_version())
+    return info
 
 
 def cpu_model() -> str:
@@ -100,8 +190,6 @@ def _set_ftz_daz() -> bool:
 def prepare(runtime: DictConfig, precision: str | None = None, threads: int | None = None) -> dict:
     """Apply the runtime's process settings (`threads` overrides runtime.threads, e.g. for training).
     Call before the first `import paddle` of the process."""
-    if precision is not None:
-        check_precision(runtime, precision)
     threads = int(threads or runtime.threads)
     # paddle sets OMP_NUM_THREADS=1 at import when it is unset, which pins eager training to one core.
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -109,17 +197,20 @@ def prepare(runtime: DictConfig, precision: str | None = None, threads: int | No
     if cpu_vendor() == "AuthenticAMD":
         # MKL picks its slowest kernels on AMD CPUs unless told otherwise (3x on eager matmul, measured).
         os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
-    flushed = bool(runtime.get("flush_denormals")) and _set_ftz_daz()
+    # MXCSR only governs host SSE math: on runtime=gpu the model's arithmetic never sees it.
+    flushed = runtime.device == "cpu" and bool(runtime.get("flush_denormals")) and _set_ftz_daz()
+    if precision is not None:  # here, not earlier: the GPU checks import paddle, after the thread settings
+        check_precision(runtime, precision)
     import paddle
 
     if runtime.device == "cpu":
         paddle.set_device("cpu")
         paddle.base.core.set_num_threads(threads)
-    else:
-        if not paddle.is_compiled_with_cuda():
-            raise ConfigError(
-                "runtime=gpu needs paddlepaddle-gpu (install with `make setup DEVICE=gpu`); "
-                "this environment has the CPU build. Use runtime=cpu."
-            )
-        paddle.set_device(f"gpu:{runtime.gpu_id}")
-    return {"threads": threads, "flush_denormals": flushed, **cpu_flags()}
+        return {"threads": threads, "flush_denormals": flushed, **cpu_flags()}
+    # Training and the benchmark child need the GPU; TensorRT is checked with the precision (infer only).
+    gap = gpu_gap(runtime, tensorrt=False)
+    if gap:
+        raise ConfigError(gap)
+    paddle.set_device(f"gpu:{runtime.gpu_id}")
+    # `threads` still sizes the host side (tokenization, ops Paddle keeps on the CPU).
+    return {"threads": threads, "flush_denormals": flushed, **cpu_flags(), **gpu_info(runtime)}

@@ -27,7 +27,8 @@ def _measure(model_dir: str, runtime: dict, precision: str, batches: Sequence[di
     from ernie_lab.reporting import progress
 
     t0 = time.perf_counter()
-    backend = create_backend(Path(model_dir), runtime_cfg, precision)
+    # The batches go in too: a TensorRT backend collects its dynamic shape ranges from them before building.
+    backend = create_backend(Path(model_dir), runtime_cfg, precision, batches)
     load_seconds = time.perf_counter() - t0
     for batch in batches[:warmup]:
         backend.run(batch)
