@@ -14,8 +14,10 @@ from tests.conftest import isolated_overrides
 
 def test_pipeline_trains_compresses_benchmarks_and_writes_the_table(tmp_path):
     overrides = [
-        "model=tiny", "pipeline.tasks=[tnews]", "pipeline.variants=[[none,fp32],[none,int8]]",
+        "model=tiny", "pipeline.tasks=[tnews]",
+        "pipeline.variants=[[none,fp32],[none,int8],[dynabert,fp32],[dynabert,int8]]",
         "quickstart.tnews.max_steps=16", "quickstart.tnews.train_limit=256",
+        "quickstart.prune_steps.tnews=4", "prune.importance.samples=32", "prune.eval_samples=32",
         "task.data.limit.eval=128", "task.data.limit.heldout=64", "benchmark.warmup_batches=1",
     ]
     result = subprocess.run(
@@ -26,10 +28,11 @@ def test_pipeline_trains_compresses_benchmarks_and_writes_the_table(tmp_path):
     (table,) = (tmp_path / "outputs" / "runs" / "pipeline").glob("*/results.md")
     text = table.read_text()
     assert "tiny+FP32" in text and "tiny+INT8" in text and "TNEWS accuracy" in text
+    assert "tiny+pruned(w0.67)+FP32" in text and "tiny+pruned(w0.67)+INT8" in text
     tracking = OmegaConf.create({"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "ernie-lab"})
     (parent,) = find_runs(tracking, "tags.stage = 'sweep'")
     assert parent.info.status == "FINISHED"
     children = find_runs(tracking, f"tags.sweep_id = '{parent.info.run_id}' and tags.stage != 'sweep'")
     stages = sorted(r.data.tags["stage"] for r in children)
-    assert stages == ["compress", "compress", "infer", "infer", "train"]
+    assert stages == ["compress"] * 4 + ["infer"] * 4 + ["train"]
     assert all(r.info.status == "FINISHED" for r in children)
