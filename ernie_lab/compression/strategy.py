@@ -12,7 +12,7 @@ from ernie_lab.compression.export import INPUT_NAMES, MODEL_FILE, PARAMS_FILE, e
 from ernie_lab.errors import ConfigError
 from ernie_lab.inference.batching import batches
 from ernie_lab.modeling import count_parameters, load_finetuned
-from ernie_lab.reporting import console, progress
+from ernie_lab.reporting import console
 from ernie_lab.tasks import build_task
 from ernie_lab.tracking import TrackedRun
 
