@@ -1,4 +1,5 @@
-"""One class per runtime, all with `run(batch) -> list of output arrays`. Precision is the backend's business."""
+"""One class per runtime, all with `feed(batch)`, `execute()`, `fetch() -> list of output arrays` and `run(batch)` doing
+all three. Precision is the backend's business."""
 from __future__ import annotations
 
 import gc
@@ -13,7 +14,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from ernie_lab.compression.export import INPUT_NAMES, MODEL_FILE, PARAMS_FILE
-from ernie_lab.errors import ConfigError
+from ernie_lab.errors import ConfigError, check_choice
 
 # Paddle's `inference.PrecisionType` member for each precision TensorRT builds engines in.
 TRT_PRECISIONS = {"fp32": "Float32", "fp16": "Half", "int8": "Int8"}
@@ -76,13 +77,23 @@ class PaddleInferenceBackend:
             ops = set(runtime.int8_ops or [])
             config.enable_mkldnn_int8(ops) if ops else config.enable_mkldnn_int8()
 
-    def run(self, batch: Batch) -> list[np.ndarray]:
+    # The benchmark times the three phases apart (host-to-device, engine, device-to-host); run() is all three.
+    def feed(self, batch: Batch) -> None:
         for name, handle in zip(INPUT_NAMES, self.input_handles):
             handle.reshape(batch[name].shape)
             handle.copy_from_cpu(batch[name])
+
+    def execute(self) -> None:
         self.predictor.run()
-        # copy_to_cpu waits for the GPU, so a timed run() covers the whole computation.
+
+    def fetch(self) -> list[np.ndarray]:
+        # copy_to_cpu waits for the GPU, so feed + execute + fetch covers the whole computation.
         return [h.copy_to_cpu() for h in self.output_handles]
+
+    def run(self, batch: Batch) -> list[np.ndarray]:
+        self.feed(batch)
+        self.execute()
+        return self.fetch()
 
 
 def _new_config(model_dir: Path):
@@ -246,7 +257,66 @@ def _quietly(make):
         os.close(devnull)
 
 
+class OnnxRuntimeBackend:
+    """ONNX Runtime on CPU, the peer baseline: `model_dir` is the directory ernie_lab.inference.onnx_models made
+    for the precision (fp32, or INT8 from ORT's dynamic or static quantization), run with every graph
+    optimization on."""
+
+    def __init__(self, model_dir: Path, runtime: DictConfig, precision: str, sample_batches: Sequence[Batch] = ()):
+        import onnxruntime as ort
+
+        from ernie_lab.artifacts import MANIFEST, read_json
+        from ernie_lab.errors import MissingArtifactError
+        from ernie_lab.inference.onnx_models import ONNX_FILE
+
+        built_for = read_json(model_dir / MANIFEST).get("precision")
+        if not (model_dir / ONNX_FILE).is_file() or built_for != precision:
+            # A float model timed as precision=int8 (or the reverse) would be a mislabelled row.
+            raise MissingArtifactError(f"{model_dir} holds no {precision} ONNX model (manifest says {built_for!r}); "
+                              "infer.py makes it with runtime=onnxruntime")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # One batch at a time: all threads inside each op (intra), none across ops.
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = int(runtime.threads)
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        if runtime.get("flush_denormals"):
+            # ORT's own switch for its pool threads, as runtime.prepare does for the main thread.
+            options.add_session_config_entry("session.set_denormal_as_zero", "1")
+        self.session = ort.InferenceSession(str(model_dir / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+        # An IO binding splits a run into feed / execute / fetch as the benchmark times them; inputs are bound
+        # without a copy. Graph outputs keep the Paddle export's fetch order (the task's output_names order).
+        self.binding = self.session.io_binding()
+        for output in self.session.get_outputs():
+            self.binding.bind_output(output.name, "cpu")
+
+    def feed(self, batch: Batch) -> None:
+        # Bound by reference: the arrays must stay alive until execute().
+        self.inputs = {name: np.ascontiguousarray(batch[name]) for name in INPUT_NAMES}
+        for name, array in self.inputs.items():
+            self.binding.bind_cpu_input(name, array)
+
+    def execute(self) -> None:
+        self.session.run_with_iobinding(self.binding)
+
+    def fetch(self) -> list[np.ndarray]:
+        return self.binding.copy_outputs_to_cpu()
+
+    def run(self, batch: Batch) -> list[np.ndarray]:
+        self.feed(batch)
+        self.execute()
+        return self.fetch()
+
+
+ENGINES = ("paddle", "onnxruntime")
+
+
 def create_backend(model_dir: Path, runtime: DictConfig, precision: str, sample_batches: Sequence[Batch] = ()):
     """`sample_batches`: the batches that will be timed. CPU backends ignore them; TensorRT takes its dynamic shape
-    ranges from them before it builds its engines."""
+    ranges from them before it builds its engines. `runtime.engine` picks the library (Paddle when absent)."""
+    engine = runtime.get("engine", "paddle")
+    check_choice("runtime.engine", engine, ENGINES)
+    if engine == "onnxruntime":
+        return OnnxRuntimeBackend(model_dir, runtime, precision, sample_batches)
     return PaddleInferenceBackend(model_dir, runtime, precision, sample_batches)

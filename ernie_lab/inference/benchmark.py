@@ -11,17 +11,27 @@ from omegaconf import DictConfig, OmegaConf
 from ernie_lab import artifacts
 from ernie_lab.compression.strategy import weights_kind
 from ernie_lab.errors import ConfigError, MissingArtifactError
-from ernie_lab.inference.batching import batches, unbatch
-from ernie_lab.inference.engine import measure_isolated
+from ernie_lab.inference.engine import STAGES, run_isolated
+from ernie_lab.inference.onnx_models import prepare_for_runtime
+from ernie_lab.inference.workload import EvalWorkload
 from ernie_lab.reporting import console, fmt, table
 from ernie_lab.tasks import build_task
 from ernie_lab.tracking import TrackedRun
 
 
 def resolve_export(cfg: DictConfig) -> tuple[Path, dict]:
-    """The export a (strategy, precision) pair runs on: INT8 precisions use the strategy's quantized counterpart."""
+    """The export a (strategy, precision) pair runs on: INT8 precisions use the strategy's quantized counterpart,
+    except on a runtime that quantizes the float export itself (`runtime.quantizes_float_export`: ONNX Runtime)."""
     strategy = cfg.strategy
-    if cfg.precision.weights == "int8":
+    weights = cfg.precision.weights
+    if weights == "int8" and cfg.runtime.get("quantizes_float_export"):
+        if weights_kind(strategy) == "int8":
+            raise ConfigError(
+                f"runtime={cfg.runtime.name} quantizes the float export itself, and strategy={strategy.name} holds "
+                f"Paddle's INT8 model; use precision=int8 with a float strategy (none, dynabert)"
+            )
+        name, weights = strategy.name, "float"
+    elif weights == "int8":
         name = strategy.name if weights_kind(strategy) == "int8" else strategy.int8_counterpart
     else:
         if weights_kind(strategy) == "int8":
@@ -40,8 +50,8 @@ def resolve_export(cfg: DictConfig) -> tuple[Path, dict]:
             f"{directory} holds a {manifest.get('task')}/{manifest.get('model')} export, not "
             f"{cfg.task.name}/{cfg.model.name}; re-run `{made_by}`"
         )
-    if manifest.get("weights") != cfg.precision.weights:
-        raise MissingArtifactError(f"{directory} holds {manifest.get('weights')} weights; precision={cfg.precision.name} needs {cfg.precision.weights}")
+    if manifest.get("weights") != weights:
+        raise MissingArtifactError(f"{directory} holds {manifest.get('weights')} weights; precision={cfg.precision.name} needs {weights}")
     return directory, manifest
 
 
@@ -51,6 +61,46 @@ def predictions_path(cfg: DictConfig, strategy: str, suffix: str) -> Path:
     return out / f"{strategy}_{cfg.precision.name}{suffix}"
 
 
+def perf_metrics(result: dict, examples: int, features: int, tokenize_seconds: float) -> dict[str, float]:
+    """QPS three ways, each per pass with its median and spread, plus the time split of the median pass.
+
+    - perf/qps: the seed's definition, samples (features) / time with host-side padding inside the timer:
+      collate + host-to-device + engine + device-to-host;
+    - perf/qps_engine: features / engine time alone;
+    - perf/qps_end_to_end: examples / the whole pass: tokenization (timed once, in the parent) plus the child's
+      wall clock around collate .. post-process."""
+    passes = [{**p, "tokenize": tokenize_seconds, "wall": p["wall"] + tokenize_seconds} for p in result["passes"]]
+    seed_seconds = [p["collate"] + p["h2d"] + p["engine"] + p["d2h"] for p in passes]
+    qps = np.array([features / s for s in seed_seconds])
+    qps_engine = np.array([features / p["engine"] for p in passes])
+    qps_e2e = np.array([examples / p["wall"] for p in passes])
+    median = passes[int(np.argsort(seed_seconds)[len(passes) // 2])]
+    stage_sum = sum(median[s] for s in STAGES)
+    batch_ms = np.array(result["batch_seconds"]) * 1000.0
+    return {
+        "perf/qps": float(np.median(qps)),
+        "perf/qps_std": float(qps.std()),
+        "perf/qps_min": float(qps.min()),
+        "perf/qps_max": float(qps.max()),
+        "perf/qps_engine": float(np.median(qps_engine)),
+        "perf/qps_end_to_end": float(np.median(qps_e2e)),
+        "perf/qps_end_to_end_features": float(np.median([features / p["wall"] for p in passes])),
+        "perf/latency_p50_ms": float(np.percentile(batch_ms, 50)),
+        "perf/latency_p90_ms": float(np.percentile(batch_ms, 90)),
+        "perf/latency_p99_ms": float(np.percentile(batch_ms, 99)),
+        "perf/peak_rss_mb": result["peak_rss_mb"],
+        "perf/model_load_seconds": result["load_seconds"],
+        "perf/warmup_batches": result["warmup"]["batches"],
+        "perf/warmup_seconds": result["warmup"]["seconds"],
+        "perf/passes": len(passes),
+        **{f"time/{s}_seconds": median[s] for s in STAGES},
+        "time/stage_sum_seconds": stage_sum,
+        "time/end_to_end_seconds": median["wall"],
+        # how much of the wall clock the named stages account for (acceptance: within 5%)
+        "time/unaccounted_pct": 100.0 * (median["wall"] - stage_sum) / median["wall"],
+    }
+
+
 def infer(cfg: DictConfig, run: TrackedRun) -> dict:
     from paddlenlp.transformers import ErnieTokenizer
 
@@ -58,58 +108,44 @@ def infer(cfg: DictConfig, run: TrackedRun) -> dict:
     label = model_dir.name  # the strategy, with the width for pruned ones (dynabert_ptq-w0.67)
     tokenizer = ErnieTokenizer.from_pretrained(str(model_dir))
     task = build_task(cfg.task, tokenizer)
+    model_dir = prepare_for_runtime(cfg, task, model_dir)
     bench = cfg.benchmark
 
-    t0 = time.perf_counter()
     examples = task.load("eval")
+    started = time.perf_counter()
     features = task.featurize(examples, training=False)
-    t1 = time.perf_counter()
-    chunks = list(batches(features, int(bench.batch_size)))
-    feeds = [task.collate(chunk) for chunk in chunks]
-    t2 = time.perf_counter()
+    tokenize_seconds = time.perf_counter() - started
     console.print(
         f"[bold]infer[/] {cfg.task.name} {label} {cfg.precision.name} on {cfg.runtime.name} "
-        f"({cfg.runtime.threads} threads): {len(examples)} examples, {len(features)} features, "
-        f"{len(feeds)} batches of {bench.batch_size}"
+        f"({cfg.runtime.threads} threads): {len(examples)} examples, batches of {bench.batch_size}, "
+        f"{bench.passes} timed pass(es) after >= {bench.warmup_batches} batches and >= {bench.warmup_seconds}s of warm-up"
     )
-    result = measure_isolated(
-        model_dir, OmegaConf.to_container(cfg.runtime, resolve=True), cfg.precision.name, feeds,
-        int(bench.warmup_batches), int(bench.passes),
+    result = run_isolated(
+        model_dir, OmegaConf.to_container(cfg.runtime, resolve=True), cfg.precision.name, EvalWorkload(cfg, examples, features, tokenizer.pad_token_id),
+        int(bench.warmup_batches), float(bench.warmup_seconds), int(bench.passes),
     )
-    t3 = time.perf_counter()
-    outputs = [row for chunk, arrays in zip(chunks, result["outputs"]) for row in unbatch(chunk, arrays, task.per_token_outputs)]
-    predictions = task.postprocess(examples, features, outputs)
+    done = result["predictions"]
+    predictions, n_features = done["predictions"], done["features"]
     scores = task.metrics(examples, predictions)
-    t4 = time.perf_counter()
 
     path = predictions_path(cfg, label, task.predictions_suffix)
     task.write_predictions(examples, predictions, path)
     run.log_artifact(path)
     run.log_dict(manifest, "manifest.json")
 
-    engine_seconds = float(np.median(result["pass_seconds"]))
-    batch_ms = np.array(result["batch_seconds"]) * 1000.0
-    metrics = {
-        "perf/qps": len(features) / engine_seconds,
-        "perf/qps_examples": len(examples) / engine_seconds,
-        "perf/qps_pass_min": len(features) / max(result["pass_seconds"]),
-        "perf/qps_pass_max": len(features) / min(result["pass_seconds"]),
-        "perf/latency_p50_ms": float(np.percentile(batch_ms, 50)),
-        "perf/latency_p90_ms": float(np.percentile(batch_ms, 90)),
-        "perf/latency_p99_ms": float(np.percentile(batch_ms, 99)),
-        "perf/peak_rss_mb": result["peak_rss_mb"],
-        "perf/model_load_seconds": result["load_seconds"],
-        "time/tokenize_seconds": t1 - t0,
-        "time/collate_seconds": t2 - t1,
-        "time/postprocess_seconds": t4 - t3,
-        **{f"eval/{k}": v for k, v in scores.items()},
-    }
+    metrics = {**perf_metrics(result, len(examples), n_features, tokenize_seconds), **{f"eval/{k}": v for k, v in scores.items()}}
     run.log_params({
         "data.eval_examples": len(examples),
-        "data.eval_features": len(features),
+        "data.eval_features": n_features,
+        "data.eval_batches": result["batches"],
+        "data.seq_len_min": done["seq_len"]["min"],
+        "data.seq_len_mean": round(done["seq_len"]["mean"], 2),
+        "data.seq_len_max": done["seq_len"]["max"],
+        "data.padded_seq_len_mean": round(done["padded_seq_len_mean"], 2),
         "export.dir": str(model_dir),
         "export.strategy": manifest["strategy"],
         "export.parameters": manifest.get("parameters"),
+        **{f"version.{k}": v for k, v in artifacts.library_versions().items()},
     })
     run.set_tags({"export_strategy": label, "primary_metric": task.primary_metric})
     if "pruning" in manifest:
@@ -118,7 +154,7 @@ def infer(cfg: DictConfig, run: TrackedRun) -> dict:
     console.print(table(
         f"{cfg.task.name} · {cfg.model.name} · {label} · {cfg.precision.name}",
         ["metric", "value"],
-        [(k, fmt(v)) for k, v in metrics.items() if k.startswith(("perf/qps", "perf/latency", "perf/peak", "eval/"))],
+        [(k, fmt(v)) for k, v in metrics.items() if k.startswith(("perf/qps", "perf/latency", "perf/peak", "time/", "eval/"))],
     ))
     return {"task": cfg.task.name, "strategy": label, "precision": cfg.precision.name,
             "primary_metric": task.primary_metric, "predictions": str(path), **metrics}

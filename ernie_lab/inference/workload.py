@@ -1,0 +1,54 @@
+"""What one benchmark pass of a task's eval split is, in the shape the engine times (see engine.py). Kept apart
+from benchmark.py so the benchmark's child process imports only this, the task modules and numpy."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from ernie_lab.inference.batching import batches, unbatch
+from ernie_lab.tasks import build_task
+
+
+@dataclass(frozen=True)
+class PadOnly:
+    """All the benchmark child needs of the tokenizer: batches are padded with this id. (Tokenizing there
+    would mean importing PaddleNLP in every child, ~20 s of CPU per evaluation.)"""
+
+    pad_token_id: int
+
+
+class EvalWorkload:
+    """One benchmark pass over the eval split, for the engine: collate the features in batches of
+    `benchmark.batch_size` (each padded to its longest sample, the seed's rule), then post-process the outputs
+    to predictions. Tokenization runs and is timed in the parent (`tokenize_seconds`); the workload is pickled
+    into the benchmark's child process with the examples and features."""
+
+    def __init__(self, cfg: DictConfig, examples: list[dict], features: list[dict], pad_token_id: int):
+        self.task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+        self.examples, self.features = examples, features
+        self.pad_token_id = pad_token_id
+        self.batch_size = int(cfg.benchmark.batch_size)
+
+    def setup(self) -> list[dict[str, np.ndarray]]:
+        self.task = build_task(OmegaConf.create(self.task_cfg), PadOnly(self.pad_token_id))
+        return self.collate(self.features)  # untimed: warm-up batches (and TensorRT's shape ranges)
+
+    def tokenize(self) -> list[dict]:
+        return self.features  # done in the parent
+
+    def collate(self, features: list[dict]) -> list[dict[str, np.ndarray]]:
+        self.chunks = list(batches(features, self.batch_size))
+        return [self.task.collate(chunk) for chunk in self.chunks]
+
+    def finish(self, outputs: list) -> dict:
+        rows = [row for chunk, arrays in zip(self.chunks, outputs) for row in unbatch(chunk, arrays, self.task.per_token_outputs)]
+        lengths = [len(f["input_ids"]) for f in self.features]
+        return {
+            "predictions": self.task.postprocess(self.examples, self.features, rows),
+            "features": len(self.features),
+            "seq_len": {"min": min(lengths), "mean": float(np.mean(lengths)), "max": max(lengths)},
+            # each batch is padded to its longest feature: the lengths the engine really ran
+            "padded_seq_len_mean": float(np.mean([max(len(f["input_ids"]) for f in c) for c in self.chunks])),
+        }
