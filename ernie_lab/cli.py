@@ -63,7 +63,7 @@ def run_stage(stage: str, cfg: DictConfig) -> Any:
     """One stage inside a tracked run, after the runtime is set up."""
     from ernie_lab import runtime
     from ernie_lab.reporting import console
-    from ernie_lab.tracking import tracked_run
+    from ernie_lab.tracking import exit_on_sigterm, tracked_run
 
     try:
         with tracked_run(cfg, stage) as run:
@@ -73,6 +73,7 @@ def run_stage(stage: str, cfg: DictConfig) -> Any:
                 threads=cfg.train.threads if stage == "train" else None,
             )
             quiet_libraries()  # imports paddlenlp, hence paddle: only after the runtime is prepared
+            exit_on_sigterm()  # again: importing paddle replaced our SIGTERM handler with its own
             run.log_params({f"runtime_info.{k}": v for k, v in info.items()})
             return call_stage(stage, cfg, run)
     except ErnieLabError as exc:

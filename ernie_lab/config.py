@@ -12,7 +12,7 @@ from ernie_lab.errors import ConfigError
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_ROOT / "conf"
 # Config groups a user picks with `group=option` (everything else is a key).
-GROUPS = ("model", "task", "strategy", "runtime", "precision", "benchmark", "quantize", "tracking", "paths", "experiment")
+GROUPS = ("model", "task", "strategy", "runtime", "precision", "benchmark", "quantize", "prune", "tracking", "paths", "experiment")
 
 
 def register_resolvers() -> None:

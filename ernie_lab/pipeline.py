@@ -27,12 +27,13 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
     from ernie_lab import runtime
     from ernie_lab.cli import quiet_libraries
     from ernie_lab.reporting import console
-    from ernie_lab.report import seed_table
-    from ernie_lab.tracking import end_run, start_parent_run, tracked_run
+    from ernie_lab.report import write_report
+    from ernie_lab.tracking import end_run, exit_on_sigterm, start_parent_run, tracked_run
 
     p = cfg.pipeline
     runtime.prepare(cfg.runtime, threads=cfg.train.threads)  # this process trains; benchmarks run in children
     quiet_libraries()  # imports paddle: only after the runtime is prepared
+    exit_on_sigterm()  # again: importing paddle replaced our SIGTERM handler with its own
     variants, skipped = [], []
     for strategy, precision in p.variants:
         gap = runtime.hardware_gap(cfg.runtime, precision) if precision in cfg.runtime.precisions else None
@@ -74,11 +75,9 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
         parent.client.set_terminated(parent.run_id, "KILLED")
         raise
 
-    markdown = seed_table(results, cfg.model.name)
-    parent.log_text(markdown, "results.md")
-    results_file = Path(HydraConfig.get().runtime.output_dir) / "results.md"
-    results_file.write_text(markdown, encoding="utf-8")
-    console.print(f"table written to {results_file}")
+    if results:
+        results_file = write_report(results, cfg.model.name, Path(HydraConfig.get().runtime.output_dir), parent)
+        console.print(f"table and Pareto charts written beside {results_file}")
     if failures:
         parent.log_text("\n".join(failures), "failed_stages.txt")
         console.print(f"[bold red]{len(failures)} stage(s) failed:[/]")

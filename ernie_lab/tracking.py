@@ -161,6 +161,11 @@ def start_parent_run(cfg: DictConfig, name: str, tags: dict[str, str] | None = N
     return TrackedRun(client, run.info.run_id)
 
 
+def attach_run(tracking_cfg: DictConfig, run_id: str) -> TrackedRun:
+    """An existing run, to add artifacts to (e.g. a report on a finished sweep's parent run)."""
+    return TrackedRun(_client(tracking_cfg), run_id)
+
+
 def end_run(run: TrackedRun, failed: bool) -> None:
     run.client.set_terminated(run.run_id, "FAILED" if failed else "FINISHED")
 
@@ -229,10 +234,11 @@ class SweepCallback(Callback):
         end_run(parent, failed=bool(self.failed))
 
     def _closing_table(self, parent: TrackedRun) -> None:
-        """Benchmark sweeps end with the seed-shaped table of their finished jobs, also logged on the parent."""
-        from ernie_lab.report import results_from_runs, seed_table
+        """Benchmark sweeps end with the report of their finished jobs (seed-shaped table, Pareto charts), written
+        into the sweep directory and logged on the parent."""
+        from ernie_lab.report import results_from_runs, write_report
 
         runs = find_runs(self.config.tracking, f"tags.sweep_id = '{parent.run_id}' and tags.stage = 'infer'")
         results = results_from_runs([r for r in runs if r.info.status == "FINISHED"])
         if results:
-            parent.log_text(seed_table(results, self.config.model.name), "results.md")
+            write_report(results, self.config.model.name, Path(self.config.hydra.sweep.dir), parent)

@@ -14,6 +14,7 @@ from ernie_lab.errors import ConfigError, MissingArtifactError
 from ernie_lab.inference.engine import STAGES, run_isolated
 from ernie_lab.inference.onnx_models import prepare_for_runtime
 from ernie_lab.inference.workload import EvalWorkload
+from ernie_lab.report import runtime_label
 from ernie_lab.reporting import console, fmt, table
 from ernie_lab.tasks import build_task
 from ernie_lab.tracking import TrackedRun
@@ -147,7 +148,8 @@ def infer(cfg: DictConfig, run: TrackedRun) -> dict:
         "export.parameters": manifest.get("parameters"),
         **{f"version.{k}": v for k, v in artifacts.library_versions().items()},
     })
-    run.set_tags({"export_strategy": label, "primary_metric": task.primary_metric})
+    engine_label = runtime_label(cfg.runtime.name, cfg.precision.name, cfg.runtime.get("int8_mode"))
+    run.set_tags({"export_strategy": label, "primary_metric": task.primary_metric, "runtime_label": engine_label})
     if "pruning" in manifest:
         run.set_tags({"width_mult": f"{manifest['pruning']['width_mult']:.2f}"})
     run.log_metrics(metrics)
@@ -156,5 +158,6 @@ def infer(cfg: DictConfig, run: TrackedRun) -> dict:
         ["metric", "value"],
         [(k, fmt(v)) for k, v in metrics.items() if k.startswith(("perf/qps", "perf/latency", "perf/peak", "time/", "eval/"))],
     ))
-    return {"task": cfg.task.name, "strategy": label, "precision": cfg.precision.name,
-            "primary_metric": task.primary_metric, "predictions": str(path), **metrics}
+    return {"task": cfg.task.name, "model": cfg.model.name, "strategy": label, "precision": cfg.precision.name,
+            "device": cfg.runtime.device, "runtime_label": engine_label, "primary_metric": task.primary_metric,
+            "predictions": str(path), **metrics}
