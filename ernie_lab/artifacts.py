@@ -5,13 +5,22 @@ leave either the old or the new file after a crash, never a torn one.
     <artifacts_dir>/<model>/<init>/<task>/export/<strategy>/    compress.py (model.pdmodel, model.pdiparams, manifest.json)
     <artifacts_dir>/<model>/<init>/<task>/export/<strategy>-w0.67/   the same for a pruned strategy, per width
     <artifacts_dir>/<model>/<init>/<task>/dynabert/             compress.py: the width-adaptive model pruning cuts from
+    <artifacts_dir>/<model>/<init>/<task>/train_state/          train.py while it runs: what resuming needs
+
+Writes go to a hidden sibling (`.<name>.tmp-<pid>-*`) that replaces the target in one atomic step, so a reader
+(which only ever opens `<name>/...`) sees the complete old or the complete new content. A killed writer leaves
+its hidden sibling behind; the next write to the same target removes those of dead processes.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +31,8 @@ from omegaconf import DictConfig
 from ernie_lab.errors import MissingArtifactError
 
 MANIFEST = "manifest.json"
+#: leftovers older than this (about when this process started) whose writer is gone are removed
+PROCESS_STARTED = time.time()
 
 
 def task_dir(cfg: DictConfig) -> Path:
@@ -48,24 +59,80 @@ def width_adaptive_dir(cfg: DictConfig) -> Path:
     return task_dir(cfg) / "dynabert"
 
 
+def train_state_dir(cfg: DictConfig) -> Path:
+    return task_dir(cfg) / "train_state"
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `final` in two renames."""
+    """Yield a temporary sibling directory; on success it takes the place of `final` in one atomic exchange
+    (two renames where the system has no exchange: a kill between them leaves `final` missing, never torn)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_stale_siblings(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
+    if not final.exists():
+        os.replace(tmp, final)
+    elif exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the old content
+    else:
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
         os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where that is unavailable."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # file system or kernel without exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def remove_stale_siblings(target: Path, before: float | None = None) -> list[Path]:
+    """Remove what killed writers left next to `target`: `.<name>.tmp-<pid>...` and `.<name>.old-<pid>`
+    entries whose process is gone and that are older than `before` (default: when this process started).
+    Only names of exactly that pattern are touched; a live writer's entries never are."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)(?:-.*)?")
+    cutoff = PROCESS_STARTED if before is None else before
+    removed = []
+    for entry in target.parent.iterdir() if target.parent.is_dir() else []:
+        match = pattern.fullmatch(entry.name)
+        if not match or process_alive(int(match.group(1))) or entry.lstat().st_mtime >= cutoff:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # someone else's process, or no pid at all: leave it alone
+        return True
+    return True
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
+    remove_stale_siblings(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
     os.replace(tmp, path)

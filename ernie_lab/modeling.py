@@ -2,11 +2,12 @@
 with the real vocabulary (offline). Nothing else in ernie_lab knows which one was used."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ernie_lab.errors import ConfigError, MissingArtifactError, check_choice
+from ernie_lab.errors import ConfigError, DataError, MissingArtifactError, check_choice
 
 INITS = ("random", "pretrained", "checkpoint")
 ARCH_KEYS = (
@@ -14,6 +15,7 @@ ARCH_KEYS = (
     "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
     "type_vocab_size", "task_type_vocab_size", "use_task_id", "initializer_range",
 )
+SPECIAL_TOKENS = ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]")
 
 
 def build_tokenizer(model_cfg: DictConfig):
@@ -25,14 +27,28 @@ def build_tokenizer(model_cfg: DictConfig):
     if model_cfg.init == "checkpoint":
         return ErnieTokenizer.from_pretrained(str(_checkpoint_dir(model_cfg)))
     vocab = Path(model_cfg.vocab_file)
+    check_vocab(vocab, int(model_cfg.vocab_size))
+    return ErnieTokenizer(vocab_file=str(vocab))
+
+
+def check_vocab(vocab: Path, vocab_size: int) -> None:
+    """A vocabulary the tokenizer and the embedding table can use: UTF-8, the special tokens present, and no
+    token id (its line number) beyond the model's vocab_size, which would index past the embedding table."""
     if not vocab.is_file():
         raise ConfigError(f"vocabulary not found: {vocab} (set paths.data_dir or model.vocab_file)")
-    tokenizer = ErnieTokenizer(vocab_file=str(vocab))
-    if len(tokenizer.vocab) > int(model_cfg.vocab_size):
-        raise ConfigError(
-            f"vocabulary {vocab} has {len(tokenizer.vocab)} tokens but model.vocab_size={model_cfg.vocab_size}"
-        )
-    return tokenizer
+    raw = vocab.read_bytes()
+    try:
+        tokens = raw.decode("utf-8").split("\n")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{vocab}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if tokens and tokens[-1] == "":
+        tokens.pop()  # the final newline
+    missing = [t for t in SPECIAL_TOKENS if t not in tokens]
+    if missing:
+        raise DataError(f"vocabulary {vocab} lacks the special tokens {', '.join(missing)}")
+    if len(tokens) > vocab_size:
+        raise ConfigError(f"vocabulary {vocab} has {len(tokens)} tokens but model.vocab_size={vocab_size}")
 
 
 def _checkpoint_dir(model_cfg: DictConfig) -> Path:
@@ -60,10 +76,22 @@ def build_model(model_cfg: DictConfig, model_class, head: dict):
     return model_class(ernie_config(model_cfg, **head))
 
 
-def load_finetuned(path: Path, model_class):
-    """A checkpoint written by train.py."""
+def load_finetuned(path: Path, model_class, expected_task: str | None = None):
+    """A checkpoint written by train.py. One fine-tuned for another task (its training_state.json names the task,
+    its config.json the head) is refused before paddle would fail on, or silently accept, the wrong head."""
     if not (path / "config.json").is_file():
         raise MissingArtifactError(f"no fine-tuned checkpoint at {path}; run `python train.py` with the same task and model first")
+    state = path / "training_state.json"
+    trained_for = json.loads(state.read_text(encoding="utf-8")).get("task") if state.is_file() else None
+    heads = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    wrong_task = expected_task and trained_for and trained_for != expected_task
+    if wrong_task or (heads and model_class.__name__ not in heads):
+        made_for = f"task {trained_for}" if trained_for else ", ".join(heads)
+        wanted = f"task {expected_task}" if expected_task else f"a {model_class.__name__} model"
+        raise MissingArtifactError(
+            f"{path} holds a checkpoint fine-tuned for {made_for}, not for {wanted}; "
+            f"run `python train.py task={expected_task or '<this task>'}` with the same model to make it"
+        )
     return model_class.from_pretrained(str(path))
 
 

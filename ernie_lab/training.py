@@ -1,8 +1,16 @@
-"""Fine-tuning in dygraph: train on `train`, select on the task's selection split, keep the best checkpoint."""
+"""Fine-tuning in dygraph: train on `train`, select on the task's selection split, keep the best checkpoint.
+
+Every `train.save_every_steps` steps and at each epoch end, `<task dir>/train_state/` is replaced atomically by
+what resuming needs (weights, optimizer and LR schedule, the numpy RNG that orders each epoch, the position in
+the epoch's order, losses, selection history, best so far, and the settings that made them; paddle's RNG, for
+dropout, is re-seeded from (seed, step) at every step instead, as paddle 2.6 cannot save its position).
+`train.resume=auto` continues from it when those settings match (otherwise it says so and starts over), `true`
+insists on it, `false` starts over. A finished training removes it."""
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -10,11 +18,15 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ernie_lab import artifacts
+from ernie_lab.config import flatten
+from ernie_lab.errors import ConfigError, DataError, MissingArtifactError
 from ernie_lab.inference.batching import batches, unbatch
 from ernie_lab.modeling import build_model, build_tokenizer, count_parameters
 from ernie_lab.reporting import console, fmt, progress, table
 from ernie_lab.tasks import build_task
 from ernie_lab.tracking import TrackedRun
+
+STATE_FILE = "state.json"
 
 
 def to_tensors(batch: dict[str, np.ndarray]) -> dict:
@@ -43,8 +55,22 @@ def predict_dygraph(model, task, features: list[dict], batch_size: int) -> list[
 
 def finetune(cfg: DictConfig, run: TrackedRun) -> dict:
     import paddle
+
+    # Fresh parameter and optimizer-state names in every run (not counters shared by a whole process), so a
+    # saved optimizer state finds its parameters again in a new process or in a later job of a sweep.
+    with paddle.utils.unique_name.guard():
+        return _finetune(cfg, run)
+
+
+def _finetune(cfg: DictConfig, run: TrackedRun) -> dict:
+    import paddle
     from paddlenlp.transformers import LinearDecayWithWarmup
 
+    tc = cfg.train
+    check_train_settings(cfg)
+    state_dir = artifacts.train_state_dir(cfg)
+    settings = resume_settings(cfg)
+    saved = find_train_state(state_dir, tc.resume, settings)  # before any work: a wrong resume fails at once
     paddle.seed(int(cfg.seed))
     rng = np.random.default_rng(int(cfg.seed))
     tokenizer = build_tokenizer(cfg.model)
@@ -52,14 +78,17 @@ def finetune(cfg: DictConfig, run: TrackedRun) -> dict:
 
     train_examples = task.load("train")
     select_examples = task.load(cfg.task.selection_split)
+    read_stats = {f"data.{k}": v for k, v in task.read_counts.items()}
     train_features = task.featurize(train_examples, training=True)
     train_stats = {f"data.train_{k}": v for k, v in task.data_stats().items()}
     select_features = task.featurize(select_examples, training=False)
+    if not train_features:
+        raise DataError(f"no training examples left in {cfg.task.data.dir} (after the data policies; see the warnings)")
 
     model = build_model(cfg.model, task.model_class(), task.head_config())
     n_params = count_parameters(model)
-    tc = cfg.train
-    steps_per_epoch = math.ceil(len(train_features) / tc.batch_size)
+    batch_size = int(tc.batch_size)
+    steps_per_epoch = math.ceil(len(train_features) / batch_size)
     total_steps = steps_per_epoch * int(tc.epochs)
     if tc.max_steps is not None:
         total_steps = min(total_steps, int(tc.max_steps))
@@ -79,6 +108,7 @@ def finetune(cfg: DictConfig, run: TrackedRun) -> dict:
         "model.parameters": n_params,
         "train.total_steps": total_steps,
         **train_stats,
+        **read_stats,
     })
     console.print(
         f"[bold]fine-tune[/] {cfg.task.name} on {cfg.model.name} ({cfg.model.init} init, {n_params / 1e6:.1f}M params): "
@@ -88,8 +118,18 @@ def finetune(cfg: DictConfig, run: TrackedRun) -> dict:
 
     out_dir = artifacts.finetuned_dir(cfg)
     best: dict = {"metric": -math.inf}
-    history = []
-    step = 0
+    history: list[dict] = []
+    losses: list[float] = []
+    step, start_epoch, first_batch = 0, 0, 0
+    if saved is not None:
+        model.set_state_dict(paddle.load(str(state_dir / "model.pdparams")))
+        optimizer.set_state_dict(paddle.load(str(state_dir / "optimizer.pdopt")))  # holds the LR scheduler's too
+        rng.bit_generator.state = saved["epoch_rng"]  # redraws the interrupted epoch's order
+        step, start_epoch, first_batch = saved["step"], saved["epoch"], saved["batch"]
+        best, history, losses = saved["best"], saved["history"], saved["losses"]
+        run.set_tags({"resumed_from_step": step})
+        console.print(f"[bold]resume[/] from step {step} (epoch {start_epoch + 1}, batch {first_batch}) in {state_dir}")
+    first_step = step
     started = time.perf_counter()
 
     def evaluate(epoch: int) -> None:
@@ -104,15 +144,28 @@ def finetune(cfg: DictConfig, run: TrackedRun) -> dict:
             save_checkpoint(out_dir, model, tokenizer, cfg, best, n_params)
         model.train()
 
-    losses: list[float] = []
+    def save_state(epoch: int, batch: int, epoch_rng: dict) -> None:
+        """Everything resuming needs, with `epoch_rng` the numpy RNG state that draws `epoch`'s order."""
+        save_train_state(state_dir, model, optimizer, {
+            "settings": settings, "step": step, "epoch": epoch, "batch": batch, "epoch_rng": epoch_rng,
+            "best": best, "history": history, "losses": losses, "saved_at": artifacts.now_iso(),
+        })
+
+    save_every = int(tc.save_every_steps) if tc.save_every_steps else 0
     with progress() as bar:
-        job = bar.add_task("train", total=total_steps, info="")
-        for epoch in range(int(tc.epochs)):
+        job = bar.add_task("train", total=total_steps, completed=step, info="")
+        for epoch in range(start_epoch, int(tc.epochs)):
             model.train()
+            epoch_rng = rng.bit_generator.state
             order = rng.permutation(len(train_features))
-            for start in range(0, len(order), int(tc.batch_size)):
-                chunk = [train_features[i] for i in order[start : start + int(tc.batch_size)]]
+            for batch_index in range(first_batch if epoch == start_epoch else 0, steps_per_epoch):
+                if step >= total_steps:
+                    break
+                chunk = [train_features[i] for i in order[batch_index * batch_size : (batch_index + 1) * batch_size]]
                 batch = to_tensors(task.collate(chunk, with_labels=True))
+                # Dropout draws from a stream seeded per step: paddle 2.6 cannot save its CPU generator's position
+                # (a pickled get_rng_state() holds only the seed), so this is what makes a resumed run exact.
+                paddle.seed(step_seed(int(cfg.seed), step))
                 outputs = model(batch["input_ids"], token_type_ids=batch["token_type_ids"])
                 loss = task.loss(outputs, batch)
                 loss.backward()
@@ -128,11 +181,13 @@ def finetune(cfg: DictConfig, run: TrackedRun) -> dict:
                 bar.advance(job)
                 if tc.eval_every_steps and step % int(tc.eval_every_steps) == 0:
                     evaluate(epoch)
-                if step >= total_steps:
-                    break
+                if save_every and step % save_every == 0 and step < total_steps and batch_index + 1 < steps_per_epoch:
+                    save_state(epoch, batch_index + 1, epoch_rng)  # (the epoch's last step is saved at its end)
             evaluate(epoch)
             if step >= total_steps:
                 break
+            save_state(epoch + 1, 0, rng.bit_generator.state)
+    shutil.rmtree(state_dir, ignore_errors=True)  # finished: nothing to resume
 
     elapsed = time.perf_counter() - started
     first = float(np.mean(losses[: max(1, min(20, len(losses) // 5))]))
@@ -142,7 +197,7 @@ def finetune(cfg: DictConfig, run: TrackedRun) -> dict:
         "train/loss_last": last,
         "train/seconds": elapsed,
         "train/steps": step,
-        "train/samples_per_second": step * int(tc.batch_size) / elapsed,
+        "train/samples_per_second": (step - first_step) * batch_size / elapsed,
         **{f"best/{k}": v for k, v in best["scores"].items()},
     }
     run.log_metrics(summary)
@@ -154,6 +209,74 @@ def finetune(cfg: DictConfig, run: TrackedRun) -> dict:
     ))
     console.print(f"best {task.primary_metric} {best['metric']:.2f} at step {best['step']}; checkpoint: {out_dir}")
     return {"checkpoint": str(out_dir), "loss_first": first, "loss_last": last, **best}
+
+
+def step_seed(seed: int, step: int) -> int:
+    """A well-mixed seed for one training step (nearby seeds and steps give unrelated streams)."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
+def check_train_settings(cfg: DictConfig) -> None:
+    tc = cfg.train
+    if not (isinstance(tc.resume, bool) or tc.resume == "auto"):
+        raise ConfigError(f"train.resume={tc.resume!r} is not valid; choose one of: auto, true, false")
+    if tc.save_every_steps is not None and int(tc.save_every_steps) < 1:
+        raise ConfigError(f"train.save_every_steps={tc.save_every_steps} must be at least 1 (null: at epoch ends only)")
+    if int(cfg.task.max_seq_length) > int(cfg.model.max_position_embeddings):
+        raise ConfigError(
+            f"task.max_seq_length={cfg.task.max_seq_length} exceeds model.max_position_embeddings="
+            f"{cfg.model.max_position_embeddings} of model={cfg.model.name}; lower task.max_seq_length"
+        )
+
+
+# ---- resumable training state ------------------------------------------------------------------------------
+
+# Settings that do not change what training computes; a saved state may be resumed whatever their values.
+NOT_IN_FINGERPRINT = ("resume", "save_every_steps", "log_every_steps", "threads")
+
+
+def resume_settings(cfg: DictConfig) -> dict:
+    """The settings a saved state must match to be resumed (seed, task, model, train), flattened."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    train = {k: v for k, v in resolved["train"].items() if k not in NOT_IN_FINGERPRINT}
+    return flatten({"seed": resolved["seed"], "task": resolved["task"], "model": resolved["model"], "train": train})
+
+
+def find_train_state(state_dir: Path, resume, settings: dict) -> dict | None:
+    """The saved state to resume from, or None to start over (`train.resume`: auto, true or false)."""
+    path = state_dir / STATE_FILE
+    if resume is False:
+        return None
+    if not path.is_file():
+        if resume is True:
+            raise MissingArtifactError(
+                f"train.resume=true but {state_dir} holds no training state to resume; "
+                "use train.resume=auto (or false) to start from the beginning"
+            )
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    old = saved.get("settings", {})
+    differ = sorted(k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k))
+    if not differ:
+        return saved
+    shown = "; ".join(f"{k} saved {old.get(k)!r}, now {settings.get(k)!r}" for k in differ[:5])
+    if resume is True:
+        raise ConfigError(
+            f"{state_dir} was saved with other settings ({shown}); resume with the saved settings, "
+            "or start over with train.resume=auto (or false)"
+        )
+    console.print(f"[yellow]not resuming[/] {state_dir}: saved with other settings ({shown}); starting over")
+    return None
+
+
+def save_train_state(state_dir: Path, model, optimizer, progress_state: dict) -> None:
+    """Weights, optimizer (with its LR scheduler) and the loop's progress, replaced atomically."""
+    import paddle
+
+    with artifacts.atomic_dir(state_dir) as tmp:
+        paddle.save(model.state_dict(), str(tmp / "model.pdparams"))
+        paddle.save(optimizer.state_dict(), str(tmp / "optimizer.pdopt"))
+        (tmp / STATE_FILE).write_text(json.dumps(progress_state, default=str), encoding="utf-8")
 
 
 def save_checkpoint(out_dir: Path, model, tokenizer, cfg: DictConfig, best: dict, n_params: int) -> None:

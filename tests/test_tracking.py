@@ -45,3 +45,38 @@ def test_multirun_records_the_failed_job_and_runs_the_others(tmp_path):
     assert {r.data.tags["mlflow.parentRunId"] for r in jobs.values()} == {parent.info.run_id}
     assert {r.data.tags["sweep_id"] for r in jobs.values()} == {parent.info.run_id}
     assert parent.info.status == "FAILED"
+
+
+def test_a_sweep_lists_its_failed_jobs_on_the_parent_run(cfg_factory, tmp_path, capsys):
+    """The parent run of a sweep with a failed job is FAILED and carries failed_jobs.txt naming that job (with
+    its overrides and error) and no other."""
+    import os
+
+    from hydra.core.utils import JobReturn, JobStatus
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+
+    from ernie_lab.errors import ConfigError
+    from ernie_lab.tracking import PARENT_RUN_ENV, SweepCallback
+
+    tracking = cfg_factory("model=tiny").tracking
+    config = OmegaConf.create({
+        "hydra": {"job": {"name": "train"}, "overrides": {"task": ["task.data.source=nowhere,local"]}},
+        "tracking": OmegaConf.to_container(tracking, resolve=True),
+        "model": {"name": "tiny"},
+    })
+    callback = SweepCallback()
+    callback.on_multirun_start(config)
+    for num, source, status, value in [(0, "nowhere", JobStatus.FAILED, ConfigError("no such source")),
+                                       (1, "local", JobStatus.COMPLETED, None)]:
+        job = OmegaConf.create({"hydra": {"job": {"num": num}}})
+        returned = JobReturn(overrides=[f"task.data.source={source}"], status=status, _return_value=value)
+        callback.on_job_end(job, returned)
+    callback.on_multirun_end(config)
+
+    assert PARENT_RUN_ENV not in os.environ  # later runs of this process are not children of the finished sweep
+    (parent,) = find_runs(tracking, "tags.stage = 'sweep'")
+    assert parent.info.status == "FAILED"
+    path = MlflowClient(tracking.tracking_uri).download_artifacts(parent.info.run_id, "failed_jobs.txt", str(tmp_path))
+    assert open(path).read().strip() == "#0 task.data.source=nowhere: no such source"
+    assert "1 of 2 jobs failed" in capsys.readouterr().err

@@ -373,8 +373,8 @@ def width_adaptive_model(cfg: DictConfig, task, source: Path, run) -> tuple[obje
         return load_finetuned(out_dir, task.model_class()), state
 
     paddle.seed(int(cfg.seed))
-    teacher = load_finetuned(source, task.model_class())
-    student = load_finetuned(source, task.model_class())
+    teacher = load_finetuned(source, task.model_class(), expected_task=cfg.task.name)
+    student = load_finetuned(source, task.model_class(), expected_task=cfg.task.name)
     n_importance = int(prune.importance.samples)
     heldout = task.load("heldout")
     if len(heldout) < n_importance:

@@ -47,7 +47,7 @@ def compress(cfg: DictConfig, run: TrackedRun) -> dict:
 
         model, pruning = prune_step(cfg, task, source, run)
     else:
-        model = load_finetuned(source, task.model_class())
+        model = load_finetuned(source, task.model_class(), expected_task=cfg.task.name)
     heldout = task.load("heldout")
     manifest: dict = {
         "task": cfg.task.name,

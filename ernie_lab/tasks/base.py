@@ -2,10 +2,17 @@
 
 Splits: `train` (train file minus the held-out slice), `heldout` (a fixed, seeded slice of the train file that
 is never trained on: calibration, and model selection where the task has no dev split) and `eval` (the split
-the seed reports on: dev for TNEWS and CMRC2018, test for MSRA_NER)."""
+the seed reports on: dev for TNEWS and CMRC2018, test for MSRA_NER).
+
+Bad input. A malformed line (bad JSON, non-UTF-8 bytes, a missing field, an unknown label or tag, a wrong column
+count) is a DataError naming file, line and value. An example whose text is empty or whitespace only is skipped
+when it comes from the train file (it has nothing to learn from) and kept in the eval split (the metric stays
+over the whole split, comparable with the seed); both are counted in `read_counts`, which train.py logs as
+`data.<split>_...` params, and a warning names their lines. Over-long texts are truncated or windowed per task."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -15,6 +22,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from ernie_lab.errors import DataError, check_choice
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "heldout", "eval")
 SOURCES = ("local", "online")
@@ -77,6 +86,8 @@ class Task(ABC):
         self.tokenizer = tokenizer
         self.max_seq_length = int(cfg.max_seq_length)
         check_choice("task.data.source", cfg.data.source, SOURCES)
+        #: what the data policies skipped, kept or repaired while reading, as `<split>_<what>`: count
+        self.read_counts: dict[str, int] = {}
 
     # ---- data -------------------------------------------------------------------------------------------
     def load(self, split: str) -> list[dict]:
@@ -102,6 +113,21 @@ class Task(ABC):
     @abstractmethod
     def read_local(self, data_dir: Path, split: str) -> list[dict]:
         """Read a split from the offline copy (the ../shared/data layout)."""
+
+    def report(self, split: str, what: str, places: list[str]) -> None:
+        """Count the examples a data policy acted on in a split (`what` says what and what was done) and name
+        where the first few are, so a user can find and fix them."""
+        self.read_counts[f"{split}_{what}"] = len(places)
+        if places:
+            shown = ", ".join(places[:5]) + (f" and {len(places) - 5} more" if len(places) > 5 else "")
+            log.warning("%s %s: %d %s: %s", self.name, split, len(places), what.replace("_", " "), shown)
+
+    def keep_blank(self, split: str, places: list[str]) -> bool:
+        """The blank-text policy: skip blank examples of the train file, keep those of the eval split.
+        `places` are the blank examples found in the split; returns whether they stay."""
+        keep = split != "train"
+        self.report(split, "blank_texts_kept" if keep else "blank_texts_skipped", places)
+        return keep
 
     @abstractmethod
     def read_online(self, split: str) -> list[dict]:

@@ -4,7 +4,14 @@ A question and its context become one or more windows of at most max_seq_length 
 `[CLS] question [SEP] context[window] [SEP]`. Windows start `doc_stride` context tokens apart (the step between
 window starts, as in BERT's run_squad and PaddleNLP's tokenizer, not their overlap). The tokenizer's offset
 mapping ties every context token to a span of context characters, so answers go from characters to tokens for
-training and back from tokens to the exact context substring for predictions."""
+training and back from tokens to the exact context substring for predictions.
+
+Bad input: a malformed file, a question without id, text or answers, or non-UTF-8 bytes is a DataError naming
+the file and the question's place in it (`data[a].paragraphs[p].qas[q]`). A question or context that is empty
+or whitespace only is skipped in the train file and kept (and answered) in dev, counted either way (see
+tasks/base.py). A training answer whose `answer_start` misses its text is looked up by text (`realigned_answers`);
+one whose text is not in the context at all is left out of training (`unaligned_answers`); both counts are
+logged. Questions longer than max_query_length tokens are cut; long contexts are windowed."""
 from __future__ import annotations
 
 import json
@@ -36,7 +43,8 @@ def align_answer(context: str, text: str, start: int) -> int | None:
 
 
 def read_squad_json(path: Path) -> list[dict]:
-    """Questions of a SQuAD-v1-layout file as {"id", "question", "context", "answers", "answer_starts"}."""
+    """Questions of a SQuAD-v1-layout file as {"id", "question", "context", "answers", "answer_starts", "where"}
+    (`where`: file and place of the question, for messages)."""
     if not path.is_file():
         raise DataError(f"data file not found: {path} (set paths.data_dir or task.data.dir)")
     try:
@@ -72,6 +80,7 @@ def read_squad_json(path: Path) -> list[dict]:
                     ) from None
                 examples.append({
                     "id": qid,
+                    "where": f"{where}.qas[{q}] ({qid})",
                     "question": question.strip(),
                     "context": context,
                     "answers": texts,
@@ -139,7 +148,11 @@ class Cmrc2018Task(Task):
 
     # ---- data -------------------------------------------------------------------------------------------
     def read_local(self, data_dir: Path, split: str) -> list[dict]:
-        return read_squad_json(data_dir / f"cmrc2018_{split}.json")
+        examples = read_squad_json(data_dir / f"cmrc2018_{split}.json")
+        blank = [ex["where"] for ex in examples if not ex["question"].strip() or not ex["context"].strip()]
+        if not self.keep_blank(split, blank):
+            examples = [ex for ex in examples if ex["question"].strip() and ex["context"].strip()]
+        return examples
 
     def read_online(self, split: str) -> list[dict]:
         from paddlenlp.datasets import load_dataset

@@ -3,7 +3,13 @@
 Each character is exactly one model token, so predictions map back to characters without any alignment
 guesswork. Sentences longer than a window (max_seq_length - 2 characters) are cut into overlapping windows;
 every character is predicted by exactly one window (the one where it sits furthest from an edge), so the
-metric always covers every character of the split."""
+metric always covers every character of the split.
+
+Bad input: a line without exactly two tab-separated columns, an unknown tag or non-UTF-8 bytes is a DataError
+naming file and line. An `I-X` that does not continue an X entity (after O, or after another type) is repaired
+to `B-X`: that is how seqeval's default mode, and so our metric, reads it anyway, so scores do not change and
+the model learns one consistent tagging; repairs are counted and their lines named. A sentence of whitespace
+characters only is skipped in the train file and kept in test, counted either way (see tasks/base.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,18 +26,32 @@ ENTITY_TYPES = ("PER", "ORG", "LOC")
 IGNORE_INDEX = -100
 
 
-def read_char_tags(path: Path) -> list[dict]:
-    """Sentences of a `字<TAB>TAG` file (blank line between sentences) as {"id", "chars", "tags"}."""
+def repair_lone_inside(tags: list[str]) -> list[int]:
+    """Turn every I-X that does not continue an X entity into B-X, in place; returns the positions changed."""
+    repaired = []
+    for i, tag in enumerate(tags):
+        if tag.startswith("I-") and (i == 0 or tags[i - 1][2:] != tag[2:]):
+            tags[i] = "B-" + tag[2:]
+            repaired.append(i)
+    return repaired
+
+
+def read_char_tags(path: Path, with_lines: bool = False) -> list[dict]:
+    """Sentences of a `字<TAB>TAG` file (blank line between sentences) as {"id", "chars", "tags"}, plus
+    `line` (the file line of the first character; character i is on line + i) when asked."""
     if not path.is_file():
         raise DataError(f"data file not found: {path} (set paths.data_dir or task.data.dir)")
     known = set(LABELS)
     examples: list[dict] = []
     chars: list[str] = []
     tags: list[str] = []
+    first_line = 0
 
     def close_sentence() -> None:
         if chars:
             examples.append({"id": len(examples), "chars": list(chars), "tags": list(tags)})
+            if with_lines:
+                examples[-1]["line"] = first_line
             chars.clear()
             tags.clear()
 
@@ -51,6 +71,8 @@ def read_char_tags(path: Path) -> list[dict]:
                 )
             if columns[1] not in known:
                 raise DataError(f"{path}:{lineno}: unknown tag {columns[1]!r}; tags are {', '.join(LABELS)}")
+            if not chars:
+                first_line = lineno
             chars.append(columns[0])
             tags.append(columns[1])
     close_sentence()
@@ -110,7 +132,16 @@ class MsraNerTask(Task):
 
     # ---- data -------------------------------------------------------------------------------------------
     def read_local(self, data_dir: Path, split: str) -> list[dict]:
-        return read_char_tags(data_dir / f"{split}.txt")
+        path = data_dir / f"{split}.txt"
+        examples = read_char_tags(path, with_lines=True)
+        repaired = [f"{path}:{ex['line'] + i}" for ex in examples for i in repair_lone_inside(ex["tags"])]
+        self.report(split, "lone_inside_tags_repaired", repaired)
+        blank = [f"{path}:{ex['line']}" for ex in examples if not "".join(ex["chars"]).strip()]
+        if not self.keep_blank(split, blank):
+            examples = [ex for ex in examples if "".join(ex["chars"]).strip()]
+        for ex in examples:
+            del ex["line"]
+        return examples
 
     def read_online(self, split: str) -> list[dict]:
         from paddlenlp.datasets import load_dataset
@@ -126,6 +157,8 @@ class MsraNerTask(Task):
             if unknown:
                 raise DataError(f"msra_ner {split} sentence {i}: unknown tags {unknown}; tags are {', '.join(LABELS)}")
             examples.append({"id": i, "chars": list(ex["tokens"]), "tags": tags})
+        self.report(split, "lone_inside_tags_repaired",
+                    [f"sentence {ex['id']}" for ex in examples if repair_lone_inside(ex["tags"])])
         return examples
 
     # ---- features ----------------------------------------------------------------------------------------

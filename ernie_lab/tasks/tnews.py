@@ -1,4 +1,9 @@
-"""TNEWS: 15-class news-title classification (CLUE), accuracy on dev."""
+"""TNEWS: 15-class news-title classification (CLUE), accuracy on dev.
+
+Bad input: a malformed line, an unknown label (not in labels.json) or a training line without a label is a
+DataError naming file and line. An empty or whitespace-only sentence is skipped in the train file and kept
+(and predicted) in dev, counted either way (see tasks/base.py). Sentences longer than max_seq_length tokens
+are truncated."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,6 +38,8 @@ class TnewsTask(Task):
                 raise DataError(f"{path}:{lineno}: no 'label' field")
             ids.append(str(obj["label"]))
             descs.append(str(obj.get("label_desc", obj["label"])))
+        if len(ids) < 2 or len(set(ids)) != len(ids):
+            raise DataError(f"{path}: needs two or more distinct labels, found {ids}")
         return ids, descs
 
     @property
@@ -42,7 +49,7 @@ class TnewsTask(Task):
     def read_local(self, data_dir: Path, split: str) -> list[dict]:
         path = data_dir / f"{split}.json"
         index = {label: i for i, label in enumerate(self.label_ids)}
-        examples = []
+        examples, blank = [], []
         for lineno, obj in read_json_lines(path):
             text = obj.get("sentence")
             if not isinstance(text, str):
@@ -52,11 +59,17 @@ class TnewsTask(Task):
                 raise DataError(
                     f"{path}:{lineno}: unknown label {label!r}; labels.json has {', '.join(self.label_ids)}"
                 )
+            if label is None and split == "train":
+                raise DataError(f"{path}:{lineno}: no 'label' (every training line needs one of labels.json's)")
+            if not text.strip():
+                blank.append(f"{path}:{lineno}")
             examples.append({
                 "id": obj.get("id", lineno - 1),
                 "text": text,
                 "label": index[str(label)] if label is not None else None,
             })
+        if not self.keep_blank(split, blank):
+            examples = [ex for ex in examples if ex["text"].strip()]
         return examples
 
     def read_online(self, split: str) -> list[dict]:
