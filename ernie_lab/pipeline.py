@@ -35,14 +35,17 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
     quiet_libraries()  # imports paddle: only after the runtime is prepared
     exit_on_sigterm()  # again: importing paddle replaced our SIGTERM handler with its own
     variants, skipped = [], []
-    for strategy, precision in p.variants:
-        gap = runtime.hardware_gap(cfg.runtime, precision) if precision in cfg.runtime.precisions else None
+    for strategy, precision, *extra in p.variants:
+        # a variant may bring overrides of its own, e.g. `runtime=onnxruntime runtime.int8_mode=static`
+        rt_cfg = _stage_config(user_overrides, list(extra)).runtime if extra else cfg.runtime
+        name = "/".join([strategy, precision, *extra])
+        gap = runtime.hardware_gap(rt_cfg, precision) if precision in rt_cfg.precisions else None
         if gap:  # this machine lacks the instructions: leave the row out and say why
-            skipped.append(f"{strategy}/{precision}: {gap}")
-            console.print(f"[yellow]skipping {strategy}/{precision}:[/] {gap}")
+            skipped.append(f"{name}: {gap}")
+            console.print(f"[yellow]skipping {name}:[/] {gap}")
         else:  # a config mistake fails here, before hours of work, not at its infer stage
-            runtime.check_precision(cfg.runtime, precision)
-            variants.append((strategy, precision))
+            runtime.check_precision(rt_cfg, precision)
+            variants.append((strategy, precision, list(extra)))
     parent = start_parent_run(cfg, "pipeline", {"sweep_command": "python -m ernie_lab.pipeline " + " ".join(user_overrides)})
     parent.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
     if skipped:
@@ -67,8 +70,8 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
                 continue
             for strategy in p.strategies:
                 stage("compress", [f"task={task}", f"strategy={strategy}"])
-            for strategy, precision in variants:
-                result = stage("infer", [f"task={task}", f"strategy={strategy}", f"precision={precision}"])
+            for strategy, precision, extra in variants:
+                result = stage("infer", [f"task={task}", f"strategy={strategy}", f"precision={precision}", *extra])
                 if result is not None:
                     results.append(result)
     except BaseException:  # interrupted or killed: the parent run must not stay RUNNING

@@ -14,14 +14,14 @@ from ernie_lab.errors import ConfigError, check_choice
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("cpu", "gpu")
+RUNTIMES = ("cpu", "gpu", "onnxruntime")
 
 
 def check_precision(runtime: DictConfig, precision: str) -> None:
     """Reject a precision the runtime or this machine cannot run, before any work starts, saying what to use."""
     check_choice("runtime", runtime.name, RUNTIMES)
     if precision not in runtime.precisions:
-        if precision == "fp16" and runtime.device == "cpu":
+        if precision == "fp16" and runtime.name == "cpu":
             raise ConfigError(
                 "precision=fp16 cannot run on runtime=cpu: Paddle Inference has no FP16 CPU kernels. "
                 "Use precision=bf16 on a CPU with AVX512-BF16/AMX, or runtime=gpu for fp16."

@@ -1,0 +1,285 @@
+"""The models runtime=onnxruntime runs: a float Paddle export converted to ONNX (paddle2onnx), and INT8 models
+made from it by ONNX Runtime's own tools, dynamic (`quantize_dynamic`) or static QDQ (`quantize_static`,
+calibrated on the held-out slice of train, as Paddle PTQ is).
+
+Cached beside the exports, one directory per variant, rebuilt when the source export or a setting changes:
+
+    <task dir>/onnx/<export name>/fp32/model.onnx
+    <task dir>/onnx/<export name>/int8-dynamic/model.onnx
+    <task dir>/onnx/<export name>/int8-static/model.onnx
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from ernie_lab import artifacts
+from ernie_lab.compression.export import INPUT_NAMES, MODEL_FILE, PARAMS_FILE
+from ernie_lab.errors import ConfigError, MissingArtifactError, check_choice
+from ernie_lab.inference.batching import batches
+from ernie_lab.reporting import console
+
+ONNX_FILE = "model.onnx"
+ENGINE = "onnxruntime"
+INT8_MODES = ("dynamic", "static")
+CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+QUANT_TYPES = {"int8": "QInt8", "uint8": "QUInt8"}
+REDUCE_RANGE = ("auto", True, False)
+# CPU flags with which the u8s8 integer kernels cannot saturate (ONNX Runtime docs, "Data type selection").
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def uses_onnxruntime(runtime: DictConfig) -> bool:
+    return runtime.get("engine") == ENGINE
+
+
+def prepare_for_runtime(cfg: DictConfig, task, model_dir: Path) -> Path:
+    """The model directory the runtime runs: `model_dir` itself for Paddle runtimes; for runtime=onnxruntime
+    the cached ONNX model of the precision (`.../fp32`, `.../int8-dynamic`, `.../int8-static`), made if needed."""
+    if not uses_onnxruntime(cfg.runtime):
+        return model_dir
+    return ensure_onnx_model(cfg, task, model_dir)
+
+
+def variant_name(runtime: DictConfig, precision: str) -> str:
+    if precision == "fp32":
+        return "fp32"
+    if precision == "int8":
+        check_choice("runtime.int8_mode", runtime.int8_mode, INT8_MODES)
+        return f"int8-{runtime.int8_mode}"
+    raise ConfigError(f"precision={precision!r} cannot run on runtime={runtime.name}; valid there: fp32, int8")
+
+
+def onnx_dir(cfg: DictConfig, export_dir: Path, variant: str) -> Path:
+    return artifacts.task_dir(cfg) / "onnx" / export_dir.name / variant
+
+
+def ensure_onnx_model(cfg: DictConfig, task, export_dir: Path, precision: str | None = None) -> Path:
+    """The variant's directory for `precision` (default cfg.precision), built from the float export in
+    `export_dir` unless a cached one was built from the same export with the same settings."""
+    runtime = cfg.runtime
+    variant = variant_name(runtime, precision or cfg.precision.name)
+    source = source_stamp(export_dir)
+    fp32_key = {"variant": "fp32", "source": source, "opset": int(runtime.onnx.opset), "versions": versions()}
+    fp32_dir = _cached(onnx_dir(cfg, export_dir, "fp32"), fp32_key,
+                       lambda out: convert(export_dir, out, fp32_key["opset"]))
+    if variant == "fp32":
+        return fp32_dir
+    settings = int8_settings(runtime)
+    if variant == "int8-static":
+        feeds = calibration_feeds(cfg, task, settings["calibration"]["method"] != "minmax")
+        settings["calibration"]["digest"] = feeds_digest(feeds)
+    else:
+        feeds = []
+        settings.pop("calibration")
+        settings.pop("activation_type")
+    key = {**fp32_key, "variant": variant, "int8": settings}
+    source_model = fp32_dir / ONNX_FILE
+    return _cached(onnx_dir(cfg, export_dir, variant), key, lambda out: quantize(source_model, out, settings, feeds))
+
+
+def source_stamp(export_dir: Path) -> dict:
+    """What identifies the float export: its manifest's time, and its files' size and mtime (a re-export
+    within the same second still differs)."""
+    made_by = "python compress.py ... strategy=none (or another float strategy)"
+    manifest = artifacts.read_manifest(export_dir, made_by)
+    if manifest.get("weights") != "float":
+        raise MissingArtifactError(
+            f"{export_dir} holds {manifest.get('weights')} weights; ONNX Runtime quantizes a float export itself"
+        )
+    stats = {name: (export_dir / name).stat() for name in (MODEL_FILE, PARAMS_FILE)}
+    files = {name: f"{st.st_size}:{st.st_mtime_ns}" for name, st in stats.items()}
+    return {"dir": str(export_dir), "created_at": manifest.get("created_at"), "files": files,
+            "outputs": manifest.get("outputs")}
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("paddle2onnx", "onnx", "onnxruntime")}
+
+
+def int8_settings(runtime: DictConfig) -> dict:
+    """`runtime.int8` with every choice checked and `reduce_range: auto` decided for this CPU."""
+    q = OmegaConf.to_container(runtime.int8, resolve=True)
+    for key in ("weight_type", "activation_type"):
+        check_choice(f"runtime.int8.{key}", q[key], QUANT_TYPES)
+    check_choice("runtime.int8.reduce_range", q["reduce_range"], REDUCE_RANGE)
+    check_choice("runtime.int8.calibration.method", q["calibration"]["method"], CALIBRATION_METHODS)
+    if q["reduce_range"] == "auto":
+        # Without VNNI, u8s8 kernels (vpmaddubsw) saturate 16-bit pair sums; 7-bit weights avoid it
+        # (per-channel u8s8 on an AVX2 EPYC: 13% relative error in a 768x3072 MatMul, 2% with 7-bit weights).
+        q["reduce_range"] = not has_vnni()
+    return q
+
+
+def has_vnni() -> bool:
+    from ernie_lab.runtime import _cpuinfo_field
+
+    flags = set(_cpuinfo_field("flags").split())
+    return any(f in flags for f in VNNI_FLAGS)
+
+
+def _cached(directory: Path, key: dict, build) -> Path:
+    """Reuse `directory` if its manifest has `key`, else build it atomically: `build(work_dir)` writes ONNX_FILE."""
+    manifest_path = directory / artifacts.MANIFEST
+    if artifacts.read_json(manifest_path).get("key") == key and (directory / ONNX_FILE).is_file():
+        return directory
+    console.print(f"[bold]onnx[/] building {directory}")
+    with artifacts.atomic_dir(directory) as work:
+        build(work)
+        manifest = {"key": key, "files": [ONNX_FILE], "file_size_bytes": (work / ONNX_FILE).stat().st_size,
+                    "precision": "fp32" if key["variant"] == "fp32" else "int8", "created_at": artifacts.now_iso()}
+        artifacts.write_json_atomic(work / artifacts.MANIFEST, manifest)
+    return directory
+
+
+# ---- fp32: paddle2onnx --------------------------------------------------------------------------------------
+def convert(export_dir: Path, out_dir: Path, opset: int) -> None:
+    import onnx
+    import paddle2onnx
+
+    raw = out_dir / "raw.onnx"
+    paddle2onnx.export(str(export_dir / MODEL_FILE), str(export_dir / PARAMS_FILE), str(raw),
+                       opset_version=opset, auto_upgrade_opset=False, verbose=False)
+    model = onnx.load(str(raw))
+    raw.unlink()
+    constants_to_initializers(model)
+    name_dynamic_axes(model)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out_dir / ONNX_FILE))
+
+
+def constants_to_initializers(model) -> int:
+    """paddle2onnx 1.x stores weights as Constant nodes, which ORT's quantizers do not see as weights (nothing
+    gets quantized). Move every tensor-valued Constant of the main graph into the initializers."""
+    from onnx import numpy_helper
+
+    kept, moved = [], 0
+    for node in model.graph.node:
+        if node.op_type == "Constant" and [a.name for a in node.attribute] == ["value"]:
+            weight = numpy_helper.to_array(node.attribute[0].t)
+            model.graph.initializer.append(numpy_helper.from_array(weight, node.output[0]))
+            moved += 1
+        else:
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return moved
+
+
+def name_dynamic_axes(model) -> None:
+    """paddle2onnx names every dynamic dimension apart (DynamicDimension.0, .1, ...); one `batch` and one `seq`
+    tell shape inference and ORT's optimizer that both inputs (and per-token outputs) share them."""
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        for dim, name in zip(dims, ("batch", "seq")):
+            if not dim.HasField("dim_value"):
+                dim.dim_param = name
+
+
+# ---- int8: ONNX Runtime quantization ----------------------------------------------------------------------
+def quantize(source_model: Path, out_dir: Path, settings: dict, feeds: list[dict]) -> None:
+    """Dynamic INT8 when `feeds` is empty, else static QDQ calibrated on `feeds`. Only MatMuls with a weight
+    are quantized unless `attention_matmuls` (like Paddle's int8_ops=[fc]: QK^T and P.V stay float)."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = out_dir / "prepared.onnx"
+    # ORT's recommended pre-processing: its basic graph optimizations and ONNX shape inference (symbolic shape
+    # inference needs sympy, which this stack does not install; ONNX's own inference covers this graph).
+    quant_pre_process(str(source_model), str(prepared), skip_symbolic_shape=True)
+    model = onnx.load(str(prepared))
+    common = {
+        "op_types_to_quantize": ["MatMul"],
+        "per_channel": bool(settings["per_channel"]),
+        "reduce_range": bool(settings["reduce_range"]),
+        "weight_type": getattr(QuantType, QUANT_TYPES[settings["weight_type"]]),
+        "nodes_to_exclude": [] if settings["attention_matmuls"] else activation_matmuls(model),
+    }
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(feeds)
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {name: batch[name] for name in INPUT_NAMES}
+
+    with _quiet():
+        if feeds:
+            calibration = settings["calibration"]
+            quantize_static(
+                str(prepared), str(out_dir / ONNX_FILE), Reader(), quant_format=QuantFormat.QDQ,
+                activation_type=getattr(QuantType, QUANT_TYPES[settings["activation_type"]]),
+                calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[calibration["method"]]),
+                extra_options={"CalibPercentile": float(calibration["percentile"])}, **common,
+            )
+        else:
+            quantize_dynamic(str(prepared), str(out_dir / ONNX_FILE), **common)
+    prepared.unlink()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The calibrators print progress with print(); the quantizers log warnings (on the root logger) about
+    choices made here on purpose."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def activation_matmuls(model) -> list[str]:
+    """MatMuls of two activations (attention's QK^T and P.V): neither input is a weight."""
+    weights = {t.name for t in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not weights & set(n.input)]
+
+
+def calibration_feeds(cfg: DictConfig, task, same_width: bool) -> list[dict]:
+    """Collated batches of the first quantize.batch_size*batch_nums held-out examples, as Paddle PTQ takes
+    them. `same_width`: pad every batch to the longest (ORT's histogram calibrators stack all batches)."""
+    q = cfg.quantize
+    n = int(q.batch_size) * int(q.batch_nums)
+    heldout = task.load("heldout")
+    if len(heldout) < n:
+        raise ConfigError(
+            f"calibration wants {n} samples (quantize.batch_size*batch_nums) but the held-out slice "
+            f"has {len(heldout)} (task.data.heldout_size)"
+        )
+    features = task.featurize(heldout[:n], training=False)
+    feeds = [task.collate(chunk) for chunk in batches(features, int(q.batch_size))]
+    if same_width:
+        width = max(f[INPUT_NAMES[0]].shape[1] for f in feeds)
+        pads = {INPUT_NAMES[0]: task.tokenizer.pad_token_id, INPUT_NAMES[1]: 0}
+        feeds = [{k: np.pad(v, ((0, 0), (0, width - v.shape[1])), constant_values=pads.get(k, 0)) for k, v in f.items()}
+                 for f in feeds]
+    return feeds
+
+
+def feeds_digest(feeds: list[dict]) -> str:
+    digest = hashlib.sha256()
+    for feed in feeds:
+        for name in INPUT_NAMES:
+            digest.update(json.dumps(feed[name].shape).encode())
+            digest.update(np.ascontiguousarray(feed[name]).tobytes())
+    return digest.hexdigest()[:16]
