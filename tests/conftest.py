@@ -47,6 +47,16 @@ def cfg_factory(tmp_path):
     return factory
 
 
+def run_stage(cfg, stage: str, body):
+    """A stage body (finetune, compress, infer) inside a tracked MLflow run, as the entry scripts run it."""
+    from ernie_lab import runtime
+    from ernie_lab.tracking import tracked_run
+
+    runtime.prepare(cfg.runtime)
+    with tracked_run(cfg, stage) as run:
+        return body(cfg, run)
+
+
 def run_script(script: str, *args: str, tmp: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run an entry script the way a user does, with outputs redirected into `tmp`."""
     cmd = [sys.executable, str(PROJECT_ROOT / script), *args, *isolated_overrides(tmp)]

@@ -7,7 +7,7 @@ import pytest
 
 from ernie_lab import artifacts
 from ernie_lab.errors import ConfigError
-from tests.conftest import isolated_overrides, make_cfg
+from tests.conftest import isolated_overrides, make_cfg, run_stage
 
 TINY = [
     "model=tiny",
@@ -31,15 +31,6 @@ TINY = [
 
 def cfg_for(workdir, *extra):
     return make_cfg(isolated_overrides(workdir) + TINY + list(extra))
-
-
-def run_stage(cfg, stage, body):
-    from ernie_lab import runtime
-    from ernie_lab.tracking import tracked_run
-
-    runtime.prepare(cfg.runtime)
-    with tracked_run(cfg, stage) as run:
-        return body(cfg, run)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from ernie_lab import artifacts
-from tests.conftest import isolated_overrides, make_cfg, run_script
+from tests.conftest import isolated_overrides, make_cfg, run_script, run_stage
 
 TINY = [
     "model=tiny",
@@ -37,15 +37,6 @@ def workdir(tmp_path_factory):
 
 def cfg_for(workdir, *extra):
     return make_cfg(isolated_overrides(workdir) + TINY + list(extra))
-
-
-def run_stage(cfg, stage, body):
-    from ernie_lab import runtime
-    from ernie_lab.tracking import tracked_run
-
-    runtime.prepare(cfg.runtime)
-    with tracked_run(cfg, stage) as run:
-        return body(cfg, run)
 
 
 def compress_none(workdir):

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from ernie_lab.tracking import find_runs, tracked_run
-from tests.conftest import DATA_DIR, isolated_overrides, make_cfg
+from ernie_lab.tracking import find_runs
+from tests.conftest import DATA_DIR, isolated_overrides, make_cfg, run_stage
 
 SETTINGS = {
     "msra_ner": ["task.data.limit.train=160", "task.data.limit.eval=120", "task.data.limit.heldout=64"],
@@ -18,14 +18,6 @@ SETTINGS = {
 }
 COMMON = ["model=tiny", "task.train.epochs=2", "task.train.batch_size=16", "task.train.learning_rate=3e-3",
           "quantize.batch_size=8", "quantize.batch_nums=2", "benchmark.warmup_batches=1"]
-
-
-def run_stage(cfg, stage, body):
-    from ernie_lab import runtime
-
-    runtime.prepare(cfg.runtime)
-    with tracked_run(cfg, stage) as run:
-        return body(cfg, run)
 
 
 @pytest.fixture(scope="module", params=["msra_ner", "cmrc2018"])

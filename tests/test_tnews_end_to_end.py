@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from ernie_lab import artifacts
-from ernie_lab.tracking import find_runs, tracked_run
-from tests.conftest import isolated_overrides, make_cfg
+from ernie_lab.tracking import find_runs
+from tests.conftest import isolated_overrides, make_cfg, run_stage
 
 TINY = [
     "model=tiny",
@@ -33,14 +33,6 @@ def workdir(tmp_path_factory):
 
 def cfg_for(workdir, *extra):
     return make_cfg(isolated_overrides(workdir) + TINY + list(extra))
-
-
-def run_stage(cfg, stage, body):
-    from ernie_lab import runtime
-
-    runtime.prepare(cfg.runtime)
-    with tracked_run(cfg, stage) as run:
-        return body(cfg, run)
 
 
 @pytest.fixture(scope="module")

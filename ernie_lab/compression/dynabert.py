@@ -81,8 +81,6 @@ def importance(model, task, features: list[dict], batch_size: int) -> tuple[np.n
 
     The gradient of a gate is the dot product of the matching rows of the next projection with their gradient
     (out_proj rows for a head, linear2 rows for a neuron), so no gates need to be inserted."""
-    import paddle
-
     from ernie_lab.training import to_tensors
 
     layers = encoder_layers(model)
