@@ -16,7 +16,7 @@ from tests.conftest import isolated_overrides, make_cfg, run_script, run_stage
 TINY = [
     "model=tiny",
     "task.data.limit.train=256",
-    "task.data.limit.eval=256",
+    "task.data.limit.eval=250",  # not a multiple of 32: the last batch is smaller
     "task.data.heldout_size=64",
     "task.train.epochs=6",
     "task.train.batch_size=16",
@@ -100,7 +100,7 @@ def op_counts(model_dir):
 def test_onnx_fp32_matches_paddle_fp32(workdir, exported, models, dev_feeds):
     paddle = logits(exported, cfg_for(workdir).runtime, "fp32", dev_feeds)
     onnx = logits(models["fp32"], cfg_for(workdir, *ORT).runtime, "fp32", dev_feeds)
-    assert paddle.shape == onnx.shape == (256, 15)
+    assert paddle.shape == onnx.shape == (250, 15)
     assert np.abs(paddle - onnx).max() < 1e-4
 
 

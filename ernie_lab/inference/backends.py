@@ -288,14 +288,18 @@ class OnnxRuntimeBackend:
         # An IO binding splits a run into feed / execute / fetch as the benchmark times them; inputs are bound
         # without a copy. Graph outputs keep the Paddle export's fetch order (the task's output_names order).
         self.binding = self.session.io_binding()
-        for output in self.session.get_outputs():
-            self.binding.bind_output(output.name, "cpu")
+        self.output_names = [output.name for output in self.session.get_outputs()]
 
     def feed(self, batch: Batch) -> None:
         # Bound by reference: the arrays must stay alive until execute().
         self.inputs = {name: np.ascontiguousarray(batch[name]) for name in INPUT_NAMES}
         for name, array in self.inputs.items():
             self.binding.bind_cpu_input(name, array)
+        # Outputs re-bound every batch: a bound output keeps the shape of its first run, and the last batch of a
+        # split (or another sequence length) has another shape.
+        self.binding.clear_binding_outputs()
+        for name in self.output_names:
+            self.binding.bind_output(name, "cpu")
 
     def execute(self) -> None:
         self.session.run_with_iobinding(self.binding)
