@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from contextlib import nullcontext
 from typing import Any
 
 from omegaconf import DictConfig
@@ -63,10 +64,12 @@ def run_stage(stage: str, cfg: DictConfig) -> Any:
     """One stage inside a tracked run, after the runtime is set up."""
     from ernie_lab import runtime
     from ernie_lab.reporting import console
-    from ernie_lab.tracking import exit_on_sigterm, tracked_run
+    from ernie_lab.tracking import UntrackedRun, exit_on_sigterm, tracked_run
 
+    rank, _ = runtime.data_parallel_rank()
     try:
-        with tracked_run(cfg, stage) as run:
+        # under paddle.distributed.launch only rank 0 records the run
+        with tracked_run(cfg, stage) if rank == 0 else nullcontext(UntrackedRun()) as run:
             info = runtime.prepare(
                 cfg.runtime,
                 precision=cfg.precision.name if stage == "infer" else None,

@@ -187,6 +187,11 @@ def _set_ftz_daz() -> bool:
     return True
 
 
+def data_parallel_rank() -> tuple[int, int]:
+    """(rank, number of processes) when started by `python -m paddle.distributed.launch`; (0, 1) otherwise."""
+    return int(os.environ.get("PADDLE_TRAINER_ID", "0")), int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
+
+
 def prepare(runtime: DictConfig, precision: str | None = None, threads: int | None = None) -> dict:
     """Apply the runtime's process settings (`threads` overrides runtime.threads, e.g. for training).
     Call before the first `import paddle` of the process."""

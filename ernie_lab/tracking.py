@@ -142,6 +142,28 @@ def tracked_run(cfg: DictConfig, stage: str, run_name: str | None = None,
         client.set_terminated(tracked.run_id, "FINISHED")
 
 
+class UntrackedRun(TrackedRun):
+    """Takes what a stage logs and drops it: the non-leading processes of a data-parallel training."""
+
+    def __init__(self):
+        super().__init__(client=None, run_id="")
+
+    def log_params(self, params):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def set_tags(self, tags):
+        pass
+
+    def log_artifact(self, path, artifact_path=None):
+        pass
+
+    def log_text(self, text, name):
+        pass
+
+
 def exit_on_sigterm() -> None:
     """Turn SIGTERM (a scheduler or `kill` stopping the job) into SystemExit, so open runs are closed as KILLED
     instead of staying RUNNING forever."""

@@ -5,7 +5,12 @@ what resuming needs (weights, optimizer and LR schedule, the numpy RNG that orde
 the epoch's order, losses, selection history, best so far, and the settings that made them; paddle's RNG, for
 dropout, is re-seeded from (seed, step) at every step instead, as paddle 2.6 cannot save its position).
 `train.resume=auto` continues from it when those settings match (otherwise it says so and starts over), `true`
-insists on it, `false` starts over. A finished training removes it."""
+insists on it, `false` starts over. A finished training removes it.
+
+Started by `python -m paddle.distributed.launch --nproc_per_node N train.py ...`, N processes train one model
+data-parallel (gloo on CPU, NCCL on GPUs): every process draws the same global batch order and takes its 1/N
+share of each batch, gradients are averaged across processes, and only rank 0 evaluates, saves and logs, so
+steps, schedule, checkpoints and resume state are those of a single-process run with the same batch size."""
 from __future__ import annotations
 
 import json
@@ -23,6 +28,7 @@ from ernie_lab.errors import ConfigError, DataError, MissingArtifactError
 from ernie_lab.inference.batching import batches, unbatch
 from ernie_lab.modeling import build_model, build_tokenizer, count_parameters
 from ernie_lab.reporting import console, fmt, progress, table
+from ernie_lab.runtime import data_parallel_rank
 from ernie_lab.tasks import build_task
 from ernie_lab.tracking import TrackedRun
 
@@ -87,6 +93,12 @@ def _finetune(cfg: DictConfig, run: TrackedRun) -> dict:
 
     model = build_model(cfg.model, task.model_class(), task.head_config())
     n_params = count_parameters(model)
+    rank, world = data_parallel_rank()
+    lead = rank == 0  # the process that evaluates, saves and logs
+    trained = model
+    if world > 1:
+        paddle.distributed.init_parallel_env()
+        trained = paddle.DataParallel(model)  # averages gradients across the processes
     batch_size = int(tc.batch_size)
     steps_per_epoch = math.ceil(len(train_features) / batch_size)
     total_steps = steps_per_epoch * int(tc.epochs)
@@ -107,6 +119,7 @@ def _finetune(cfg: DictConfig, run: TrackedRun) -> dict:
         "data.selection_examples": len(select_examples),
         "model.parameters": n_params,
         "train.total_steps": total_steps,
+        "train.processes": world,
         **train_stats,
         **read_stats,
     })
@@ -121,7 +134,7 @@ def _finetune(cfg: DictConfig, run: TrackedRun) -> dict:
     history: list[dict] = []
     losses: list[float] = []
     step, start_epoch, first_batch = 0, 0, 0
-    if saved is not None:
+    if saved is not None:  # every process resumes from the same state
         model.set_state_dict(paddle.load(str(state_dir / "model.pdparams")))
         optimizer.set_state_dict(paddle.load(str(state_dir / "optimizer.pdopt")))  # holds the LR scheduler's too
         rng.bit_generator.state = saved["epoch_rng"]  # redraws the interrupted epoch's order
@@ -133,6 +146,8 @@ def _finetune(cfg: DictConfig, run: TrackedRun) -> dict:
     started = time.perf_counter()
 
     def evaluate(epoch: int) -> None:
+        if not lead:
+            return
         outputs = predict_dygraph(model, task, select_features, int(cfg.benchmark.batch_size))
         predictions = task.postprocess(select_examples, select_features, outputs)
         scores = task.metrics(select_examples, predictions)
@@ -146,6 +161,8 @@ def _finetune(cfg: DictConfig, run: TrackedRun) -> dict:
 
     def save_state(epoch: int, batch: int, epoch_rng: dict) -> None:
         """Everything resuming needs, with `epoch_rng` the numpy RNG state that draws `epoch`'s order."""
+        if not lead:
+            return
         save_train_state(state_dir, model, optimizer, {
             "settings": settings, "step": step, "epoch": epoch, "batch": batch, "epoch_rng": epoch_rng,
             "best": best, "history": history, "losses": losses, "saved_at": artifacts.now_iso(),
@@ -162,11 +179,14 @@ def _finetune(cfg: DictConfig, run: TrackedRun) -> dict:
                 if step >= total_steps:
                     break
                 chunk = [train_features[i] for i in order[batch_index * batch_size : (batch_index + 1) * batch_size]]
+                # this process's share of the global batch (a share left empty by a short last batch repeats its first
+                # example: every process must take part in the gradient exchange)
+                chunk = chunk[rank::world] or chunk[:1]
                 batch = to_tensors(task.collate(chunk, with_labels=True))
                 # Dropout draws from a stream seeded per step: paddle 2.6 cannot save its CPU generator's position
                 # (a pickled get_rng_state() holds only the seed), so this is what makes a resumed run exact.
                 paddle.seed(step_seed(int(cfg.seed), step))
-                outputs = model(batch["input_ids"], token_type_ids=batch["token_type_ids"])
+                outputs = trained(batch["input_ids"], token_type_ids=batch["token_type_ids"])
                 loss = task.loss(outputs, batch)
                 loss.backward()
                 optimizer.step()
@@ -187,6 +207,8 @@ def _finetune(cfg: DictConfig, run: TrackedRun) -> dict:
             if step >= total_steps:
                 break
             save_state(epoch + 1, 0, rng.bit_generator.state)
+    if not lead:
+        return {"checkpoint": str(out_dir), "rank": rank}  # rank 0 reports
     shutil.rmtree(state_dir, ignore_errors=True)  # finished: nothing to resume
 
     elapsed = time.perf_counter() - started
