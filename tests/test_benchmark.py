@@ -84,6 +84,7 @@ def test_perf_metrics_report_the_median_pass_and_the_spread():
     assert m["perf/qps"] == pytest.approx(120 / 1.7)  # median pass: collate + copies + engine
     assert m["perf/qps_min"] == pytest.approx(120 / 2.2) and m["perf/qps_max"] == pytest.approx(120 / 1.2)
     assert m["perf/qps_engine"] == pytest.approx(120 / 1.5)
+    assert m["perf/qps_examples"] == pytest.approx(100 / 1.7)
     assert m["perf/qps_end_to_end"] == pytest.approx(100 / (0.5 + 0.4 + 1.5 + 0.001))
     assert m["time/engine_seconds"] == 1.5 and m["time/tokenize_seconds"] == 0.5
     assert m["time/unaccounted_pct"] == pytest.approx(100 * 0.001 / 2.401)

@@ -83,6 +83,8 @@ def perf_metrics(result: dict, examples: int, features: int, tokenize_seconds: f
         "perf/qps_std": float(qps.std()),
         "perf/qps_min": float(qps.min()),
         "perf/qps_max": float(qps.max()),
+        # the seed's timer per example (a CMRC2018 question spans several windows, an MSRA sentence may)
+        "perf/qps_examples": float(np.median([examples / s for s in seed_seconds])),
         "perf/qps_engine": float(np.median(qps_engine)),
         "perf/qps_end_to_end": float(np.median(qps_e2e)),
         "perf/qps_end_to_end_features": float(np.median([features / p["wall"] for p in passes])),
