@@ -194,7 +194,8 @@ def select_runs(cfg: DictConfig) -> tuple[list, str | None]:
 
     rc = cfg.report
     if rc.filter:
-        runs = find_runs(cfg.tracking, f"tags.stage = 'infer' and ({rc.filter})" if "stage" not in rc.filter else rc.filter)
+        # MLflow filters are AND-only, without parentheses
+        runs = find_runs(cfg.tracking, rc.filter if "tags.stage" in rc.filter else f"tags.stage = 'infer' and {rc.filter}")
         sweep = rc.sweep_id
     else:
         sweep = rc.sweep_id

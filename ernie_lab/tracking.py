@@ -197,7 +197,14 @@ def find_runs(tracking_cfg: DictConfig, filter_string: str) -> list:
     exp = client.get_experiment_by_name(tracking_cfg.experiment_name)
     if exp is None:
         return []
-    return client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=10000)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=10000)
+    except MlflowException as exc:  # a user's filter (report.filter) that MLflow cannot parse
+        from ernie_lab.errors import ConfigError
+
+        raise ConfigError(f"MLflow cannot use the filter {filter_string!r}: {exc.message}") from None
 
 
 try:
