@@ -159,7 +159,9 @@ def pareto_chart(results: list[dict], task: str, model: str, path: Path) -> Path
         on_front = i in front
         ax.scatter(q, m, s=60 if on_front else 35, color="tab:red" if on_front else "tab:blue", zorder=3)
         label = variant_name("", r["strategy"], r["precision"], r.get("runtime_label", "")).lstrip("+")
-        ax.annotate(label, (q, m), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        # labels of neighbouring points are staggered vertically so that equal metrics stay readable
+        rank = sorted(range(len(points)), key=lambda j: points[j][0]).index(i)
+        ax.annotate(label, (q, m), textcoords="offset points", xytext=(5, 6 + 11 * (rank % 4)), fontsize=8)
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="tab:red", lw=1, zorder=2,
             label="Pareto front")
     ax.set_xlabel("QPS (batch 32, higher is better)")
