@@ -2,7 +2,7 @@
 `quantize.search` is quantized, scored with the task metric on held-out examples that calibration never saw, and
 compared with the float export scored the same way. The best candidate within the accuracy budget is exported.
 
-Every model is scored in a fresh process (measure_isolated): several oneDNN INT8 predictors in one process
+Every model is scored in a fresh process (engine.run_isolated): several oneDNN INT8 predictors in one process
 change each other's outputs."""
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from ernie_lab.compression.export import MODEL_FILE, PARAMS_FILE
 from ernie_lab.compression.quantize import calibration_passes, check_algo, quantize_ptq
 from ernie_lab.errors import ConfigError, check_choice
-from ernie_lab.inference.batching import batches, unbatch
+from ernie_lab.inference.batching import batches
+from ernie_lab.inference.workload import EvalWorkload
 from ernie_lab.reporting import console, fmt, progress, table
 
 ON_BUDGET_MISS = ("fail", "keep_best")
@@ -118,21 +119,18 @@ def calibrate(task, examples: list[dict], float_dir: Path, out_dir: Path, qcfg: 
 
 
 class HeldoutScorer:
-    """Scores exported models on fixed held-out examples exactly as infer scores the eval split."""
+    """Scores exported models on fixed held-out examples exactly as infer scores the eval split (the same
+    workload, in a process of its own)."""
 
     def __init__(self, task, examples: list[dict], runtime: dict, batch_size: int):
         self.task, self.examples, self.runtime = task, examples, runtime
-        self.features = task.featurize(examples, training=False)
-        self.chunks = list(batches(self.features, batch_size))
-        self.feeds = [task.collate(chunk) for chunk in self.chunks]
+        self.workload = EvalWorkload(task, examples, task.featurize(examples, training=False), batch_size)
 
     def __call__(self, model_dir: Path, precision: str) -> dict[str, float]:
-        from ernie_lab.inference.engine import measure_isolated
+        from ernie_lab.inference.engine import run_isolated
 
-        result = measure_isolated(model_dir, self.runtime, precision, self.feeds, warmup=0, passes=1)
-        outputs = [row for chunk, arrays in zip(self.chunks, result["outputs"])
-                   for row in unbatch(chunk, arrays, self.task.per_token_outputs)]
-        return self.task.metrics(self.examples, self.task.postprocess(self.examples, self.features, outputs))
+        done = run_isolated(model_dir, self.runtime, precision, self.workload)["predictions"]
+        return self.task.metrics(self.examples, done["predictions"])
 
 
 def select(candidates: Sequence[Candidate], budget: float, on_budget_miss: str, primary: str,
@@ -190,7 +188,7 @@ def search(cfg: DictConfig, task, heldout: list[dict], float_dir: Path, out_dir:
             "primary_metric": primary,
             "calibration_examples": len(cal_examples),
             "eval_examples": len(eval_examples),
-            "eval_features": len(score.features),
+            "eval_features": len(score.workload.features),
             "reference": {"model": "float", "precision": "fp32", "metric": reference, "scores": reference_scores},
             "candidates": [asdict(c) for c in candidates],
             "chosen": chosen.name if chosen else None,

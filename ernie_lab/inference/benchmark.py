@@ -124,7 +124,7 @@ def infer(cfg: DictConfig, run: TrackedRun) -> dict:
         f"{bench.passes} timed pass(es) after >= {bench.warmup_batches} batches and >= {bench.warmup_seconds}s of warm-up"
     )
     result = run_isolated(
-        model_dir, OmegaConf.to_container(cfg.runtime, resolve=True), cfg.precision.name, EvalWorkload(cfg, examples, features, tokenizer.pad_token_id),
+        model_dir, OmegaConf.to_container(cfg.runtime, resolve=True), cfg.precision.name, EvalWorkload(task, examples, features, int(bench.batch_size)),
         int(bench.warmup_batches), float(bench.warmup_seconds), int(bench.passes),
     )
     done = result["predictions"]

@@ -135,5 +135,4 @@ def measure_isolated(model_dir: Path, runtime: dict, precision: str, batches: Se
     """Ready batches through the backend only; `outputs` are the last pass's output arrays per batch."""
     result = run_isolated(model_dir, runtime, precision, ReadyBatches(batches), warmup, 0.0, passes)
     result["outputs"] = result.pop("predictions")
-    result["pass_seconds"] = [p["h2d"] + p["engine"] + p["d2h"] for p in result["passes"]]
     return result

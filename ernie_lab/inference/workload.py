@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from ernie_lab.inference.batching import batches, unbatch
 from ernie_lab.tasks import build_task
@@ -25,11 +25,11 @@ class EvalWorkload:
     to predictions. Tokenization runs and is timed in the parent (`tokenize_seconds`); the workload is pickled
     into the benchmark's child process with the examples and features."""
 
-    def __init__(self, cfg: DictConfig, examples: list[dict], features: list[dict], pad_token_id: int):
-        self.task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+    def __init__(self, task, examples: list[dict], features: list[dict], batch_size: int):
+        self.task_cfg = OmegaConf.to_container(task.cfg, resolve=True)
         self.examples, self.features = examples, features
-        self.pad_token_id = pad_token_id
-        self.batch_size = int(cfg.benchmark.batch_size)
+        self.pad_token_id = task.tokenizer.pad_token_id
+        self.batch_size = batch_size
 
     def setup(self) -> list[dict[str, np.ndarray]]:
         self.task = build_task(OmegaConf.create(self.task_cfg), PadOnly(self.pad_token_id))
