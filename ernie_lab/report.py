@@ -84,6 +84,7 @@ def seed_table(results: list[dict], model: str) -> str:
     for t in tasks:
         metric = next(r["primary_metric"] for r in results if r["task"] == t)
         columns += [f"{TASK_TITLES.get(t, t)} QPS", f"{TASK_TITLES.get(t, t)} {metric}"]
+    baselines = {t: _baselines(results, t) for t in tasks}
     rows = []
     for key in variants:
         device, label, strategy, precision = key
@@ -93,7 +94,7 @@ def seed_table(results: list[dict], model: str) -> str:
             if r is None:
                 row += ["-", "-"]
                 continue
-            base = _baselines(results, t)
+            base = baselines[t]
             fp32, fp16 = base.get(f"{device}/fp32"), base.get(f"{device}/fp16")
             metric = f"eval/{r['primary_metric']}"
             qps, value = r["perf/qps"], r[metric]
