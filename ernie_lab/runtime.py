@@ -14,7 +14,7 @@ from ernie_lab.errors import ConfigError, check_choice
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("cpu", "gpu", "onnxruntime")
+RUNTIMES = ("cpu", "gpu", "onnxruntime", "openvino")
 
 
 def check_precision(runtime: DictConfig, precision: str) -> None:
@@ -53,7 +53,7 @@ def hardware_gap(runtime: DictConfig, precision: str) -> str | None:
             # Paddle Inference would quietly fall back to FP32 and the run would be mislabelled.
             return (
                 f"precision=bf16 needs a CPU with AVX512-BF16 or AMX-BF16; this one ({cpu_model()}) has neither, "
-                "and Paddle Inference would silently run FP32 instead. Use precision=fp32 or precision=int8 here."
+                f"and runtime={runtime.name} would silently run FP32 instead. Use precision=fp32 or precision=int8 here."
             )
     if runtime.device == "gpu":
         return gpu_gap(runtime, tensorrt=bool(runtime.tensorrt.enabled))

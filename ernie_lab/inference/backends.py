@@ -313,7 +313,23 @@ class OnnxRuntimeBackend:
         return self.fetch()
 
 
-ENGINES = ("paddle", "onnxruntime")
+ENGINES = ("paddle", "onnxruntime", "openvino")
+
+
+def prepare_for_runtime(cfg: DictConfig, task, model_dir: Path) -> Path:
+    """The model directory the runtime runs: `model_dir` itself for Paddle runtimes; for ONNX Runtime and OpenVINO
+    their cached conversion (and quantization) of the float export for the precision, made if needed."""
+    engine = cfg.runtime.get("engine", "paddle")
+    check_choice("runtime.engine", engine, ENGINES)
+    if engine == "onnxruntime":
+        from ernie_lab.inference.onnx_models import ensure_onnx_model
+
+        return ensure_onnx_model(cfg, task, model_dir)
+    if engine == "openvino":
+        from ernie_lab.inference.openvino_engine import prepare_model
+
+        return prepare_model(cfg, task, model_dir)
+    return model_dir
 
 
 def create_backend(model_dir: Path, runtime: DictConfig, precision: str, sample_batches: Sequence[Batch] = ()):
@@ -323,4 +339,8 @@ def create_backend(model_dir: Path, runtime: DictConfig, precision: str, sample_
     check_choice("runtime.engine", engine, ENGINES)
     if engine == "onnxruntime":
         return OnnxRuntimeBackend(model_dir, runtime, precision, sample_batches)
+    if engine == "openvino":
+        from ernie_lab.inference.openvino_engine import OpenVinoBackend
+
+        return OpenVinoBackend(model_dir, runtime, precision, sample_batches)
     return PaddleInferenceBackend(model_dir, runtime, precision, sample_batches)

@@ -12,7 +12,7 @@ from ernie_lab import artifacts
 from ernie_lab.compression.strategy import weights_kind
 from ernie_lab.errors import ConfigError, MissingArtifactError
 from ernie_lab.inference.engine import STAGES, run_isolated
-from ernie_lab.inference.onnx_models import prepare_for_runtime
+from ernie_lab.inference.backends import prepare_for_runtime
 from ernie_lab.inference.workload import EvalWorkload
 from ernie_lab.report import runtime_label
 from ernie_lab.reporting import console, fmt, table
