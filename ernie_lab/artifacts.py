@@ -31,8 +31,17 @@ from omegaconf import DictConfig
 from ernie_lab.errors import MissingArtifactError
 
 MANIFEST = "manifest.json"
+# A static Paddle Inference model as compress.py writes it and every engine reads it.
+INPUT_NAMES = ("input_ids", "token_type_ids")
+MODEL_FILE = "model.pdmodel"
+PARAMS_FILE = "model.pdiparams"
 #: leftovers older than this (about when this process started) whose writer is gone are removed
 PROCESS_STARTED = time.time()
+
+
+def weights_kind(strategy: DictConfig) -> str:
+    """`int8` if the strategy's export holds quantized weights, else `float`."""
+    return "int8" if "quantize" in strategy.steps else "float"
 
 
 def task_dir(cfg: DictConfig) -> Path:

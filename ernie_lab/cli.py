@@ -1,14 +1,17 @@
-"""What the entry scripts share: checking the command line, preparing the runtime, and one tracked MLflow run
-around each stage. Errors a user can fix print as one line; in a multirun they fail only their own job."""
+"""The command layer's one wrapper, shared by train.py, compress.py, infer.py, `python -m ernie_lab.pipeline` and
+`python -m ernie_lab.report`: the pre-flight check of the command line, stop signals, error mapping, runtime
+preparation and one tracked MLflow run around each stage. Errors a user can fix print as one line and exit 2;
+in a multirun they fail only their own job."""
 from __future__ import annotations
 
 import importlib
 import sys
-from contextlib import nullcontext
-from typing import Any
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator
 
 from omegaconf import DictConfig
 
+from ernie_lab import signals
 from ernie_lab.errors import ErnieLabError
 
 # What each stage runs, as "module:function(cfg, run)"; imported only after the runtime is set up.
@@ -19,20 +22,24 @@ STAGES = {
 }
 
 
-def prepare_cli(argv: list[str] | None = None, config_name: str = "config") -> None:
-    """Before Hydra starts: unknown config keys fail here with the valid keys listed, and SIGTERM is turned
-    into an exit that closes open MLflow runs."""
-    from ernie_lab.config import check_overrides
+def fail(message: str, prefix: str = "error") -> None:
+    """A user-fixable error: one line, exit status 2."""
     from ernie_lab.reporting import console
-    from ernie_lab.tracking import exit_on_sigterm
 
-    exit_on_sigterm()
+    console.print(f"[bold red]{prefix}:[/] {message}", soft_wrap=True)
+    sys.exit(2)
+
+
+def prepare_cli(argv: list[str] | None = None, config_name: str = "config") -> None:
+    """Before Hydra starts (so before any MLflow run): SIGTERM/SIGINT become a stop that closes open runs as
+    KILLED, and the command line is checked: unknown keys and invalid values fail here, naming what is valid."""
+    signals.install_for_process()
+    from ernie_lab.config import check_overrides
 
     try:
         check_overrides(sys.argv[1:] if argv is None else argv, config_name)
     except ErnieLabError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        sys.exit(2)
+        fail(str(exc))
 
 
 def quiet_libraries() -> None:
@@ -48,11 +55,39 @@ def quiet_libraries() -> None:
     logger.set_level("WARNING")
 
 
-def _in_multirun() -> bool:
+def in_multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@contextmanager
+def command_errors(stage: str | None = None) -> Iterator[None]:
+    """An ErnieLabError becomes one line and exit status 2; in a multirun it is re-raised, so that Hydra records
+    the job as failed and runs the rest of the sweep."""
+    try:
+        yield
+    except ErnieLabError as exc:
+        if in_multirun():
+            from ernie_lab.reporting import console
+
+            console.print(f"[bold red]error ({stage}):[/] {exc}" if stage else f"[bold red]error:[/] {exc}")
+            raise
+        fail(str(exc), f"error ({stage})" if stage else "error")
+
+
+def prepare_runtime(cfg: DictConfig, stage: str) -> dict:
+    """Threads, denormals and precision checks before paddle starts; then paddle's chatter is silenced."""
+    from ernie_lab import runtime
+
+    info = runtime.prepare(
+        cfg.runtime,
+        precision=cfg.precision.name if stage == "infer" else None,
+        threads=cfg.train.threads if stage in ("train", "pipeline") else None,
+    )
+    quiet_libraries()  # imports paddlenlp, hence paddle: only after the runtime is prepared
+    return info
 
 
 def call_stage(stage: str, cfg: DictConfig, run) -> Any:
@@ -63,24 +98,12 @@ def call_stage(stage: str, cfg: DictConfig, run) -> Any:
 def run_stage(stage: str, cfg: DictConfig) -> Any:
     """One stage inside a tracked run, after the runtime is set up."""
     from ernie_lab import runtime
-    from ernie_lab.reporting import console
-    from ernie_lab.tracking import UntrackedRun, exit_on_sigterm, tracked_run
+    from ernie_lab.tracking import UntrackedRun, tracked_run
 
     rank, _ = runtime.data_parallel_rank()
-    try:
+    with command_errors(stage):
         # under paddle.distributed.launch only rank 0 records the run
         with tracked_run(cfg, stage) if rank == 0 else nullcontext(UntrackedRun()) as run:
-            info = runtime.prepare(
-                cfg.runtime,
-                precision=cfg.precision.name if stage == "infer" else None,
-                threads=cfg.train.threads if stage == "train" else None,
-            )
-            quiet_libraries()  # imports paddlenlp, hence paddle: only after the runtime is prepared
-            exit_on_sigterm()  # again: importing paddle replaced our SIGTERM handler with its own
+            info = prepare_runtime(cfg, stage)
             run.log_params({f"runtime_info.{k}": v for k, v in info.items()})
             return call_stage(stage, cfg, run)
-    except ErnieLabError as exc:
-        console.print(f"[bold red]error ({stage}):[/] {exc}")
-        if _in_multirun():
-            raise  # Hydra records this job as failed and runs the rest of the sweep
-        sys.exit(2)

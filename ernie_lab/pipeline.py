@@ -13,8 +13,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ernie_lab.cli import call_stage, prepare_cli
+from ernie_lab.cli import call_stage, command_errors, prepare_cli, prepare_runtime
 from ernie_lab.errors import ErnieLabError
+from ernie_lab.reporting import console
+from ernie_lab.results import write_report
+from ernie_lab.tracking import close_failed, end_run, start_parent_run, tracked_run
 
 
 def _stage_config(user_overrides: list[str], extra: list[str]) -> DictConfig:
@@ -25,15 +28,9 @@ def _stage_config(user_overrides: list[str], extra: list[str]) -> DictConfig:
 
 def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
     from ernie_lab import runtime
-    from ernie_lab.cli import quiet_libraries
-    from ernie_lab.reporting import console
-    from ernie_lab.report import write_report
-    from ernie_lab.tracking import end_run, exit_on_sigterm, start_parent_run, tracked_run
 
     p = cfg.pipeline
-    runtime.prepare(cfg.runtime, threads=cfg.train.threads)  # this process trains; benchmarks run in children
-    quiet_libraries()  # imports paddle: only after the runtime is prepared
-    exit_on_sigterm()  # again: importing paddle replaced our SIGTERM handler with its own
+    prepare_runtime(cfg, "pipeline")  # this process trains; benchmarks run in children
     variants, skipped = [], []
     for strategy, precision, *extra in p.variants:
         # a variant may bring overrides of its own, e.g. `runtime=onnxruntime runtime.int8_mode=static`
@@ -47,6 +44,15 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
             runtime.check_precision(rt_cfg, precision)
             variants.append((strategy, precision, list(extra)))
     parent = start_parent_run(cfg, "pipeline", {"sweep_command": "python -m ernie_lab.pipeline " + " ".join(user_overrides)})
+    try:
+        return _run_stages(cfg, user_overrides, parent, variants, skipped)
+    except BaseException as exc:  # stopped (KILLED) or crashed (FAILED): the parent run must not stay RUNNING
+        close_failed(parent, exc)
+        raise
+
+
+def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, variants: list, skipped: list[str]) -> int:
+    p = cfg.pipeline
     parent.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
     if skipped:
         parent.log_text("\n".join(skipped), "skipped_variants.txt")
@@ -64,19 +70,15 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
                 console.print_exception(max_frames=8)
             return None
 
-    try:
-        for task in p.tasks:
-            if stage("train", [f"task={task}"]) is None:
-                continue
-            for strategy in p.strategies:
-                stage("compress", [f"task={task}", f"strategy={strategy}"])
-            for strategy, precision, extra in variants:
-                result = stage("infer", [f"task={task}", f"strategy={strategy}", f"precision={precision}", *extra])
-                if result is not None:
-                    results.append(result)
-    except BaseException:  # interrupted or killed: the parent run must not stay RUNNING
-        parent.client.set_terminated(parent.run_id, "KILLED")
-        raise
+    for task in p.tasks:
+        if stage("train", [f"task={task}"]) is None:
+            continue
+        for strategy in p.strategies:
+            stage("compress", [f"task={task}", f"strategy={strategy}"])
+        for strategy, precision, extra in variants:
+            result = stage("infer", [f"task={task}", f"strategy={strategy}", f"precision={precision}", *extra])
+            if result is not None:
+                results.append(result)
 
     if results:
         results_file = write_report(results, cfg.model.name, Path(HydraConfig.get().runtime.output_dir), parent)
@@ -94,18 +96,17 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
 
 @hydra.main(config_path="../conf", config_name="pipeline", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from ernie_lab.reporting import console
-
     overrides = list(HydraConfig.get().overrides.task)
-    try:
+    with command_errors():
         code = run_pipeline(cfg, overrides)
-    except ErnieLabError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        code = 2
     if code:
         sys.exit(code)
 
 
-if __name__ == "__main__":
+def cli() -> None:
     prepare_cli(config_name="pipeline")
     main()
+
+
+if __name__ == "__main__":
+    cli()

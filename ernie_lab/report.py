@@ -1,200 +1,27 @@
-"""Result tables and charts built from the runs themselves, so nobody copies numbers by hand.
+"""`python -m ernie_lab.report`: the results table and Pareto charts of a sweep, read back from MLflow.
 
     python -m ernie_lab.report                               # the newest sweep (multirun or main job)
     python -m ernie_lab.report report.sweep_id=<parent run id>
     python -m ernie_lab.report report.filter="tags.task = 'tnews' and tags.model = 'ernie-3.0-medium'"
 
 Writes `results.md` (the seed-shaped table) and `pareto_<task>.png` (metric against QPS) into the Hydra run
-directory and logs them on the sweep's parent run."""
+directory and logs them on the sweep's parent run. The tables and charts themselves are `ernie_lab.results`."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from ernie_lab.errors import ErnieLabError, MissingArtifactError
-from ernie_lab.reporting import console, table
-
-TASK_TITLES = {"tnews": "TNEWS", "msra_ner": "MSRA_NER", "cmrc2018": "CMRC2018"}
-STRATEGY_TITLES = {"none": "", "ptq": "", "dynabert": "+pruned", "dynabert_ptq": "+pruned"}
-# Paddle Inference runtimes: their rows carry no runtime label, and their FP32 row is the baseline.
-PADDLE_RUNTIMES = ("cpu", "gpu")
+from ernie_lab.cli import command_errors, prepare_cli
+from ernie_lab.errors import MissingArtifactError
+from ernie_lab.reporting import console
+from ernie_lab.results import results_from_runs, write_report
+from ernie_lab.tracking import attach_run, find_runs
 
 
-def variant_name(model: str, strategy: str, precision: str, runtime_label: str = "") -> str:
-    """`ernie-3.0-medium+pruned(w0.67)+INT8` from the export label `dynabert_ptq-w0.67` and `int8`; rows of
-    another engine end with it, e.g. ` [onnxruntime dynamic]`."""
-    base, _, width = strategy.partition("-")
-    title = STRATEGY_TITLES.get(base, "+" + base)
-    if width:
-        title += f"({width})"
-    name = f"{model}{title}+{precision.upper()}"
-    return f"{name} [{runtime_label}]" if runtime_label else name
-
-
-def runtime_label(runtime: str, precision: str, int8_mode: str | None) -> str:
-    if runtime in PADDLE_RUNTIMES:
-        return ""
-    return f"{runtime} {int8_mode}" if precision == "int8" and int8_mode else runtime
-
-
-def results_from_runs(runs: list) -> list[dict]:
-    """The result dicts `seed_table` takes, read back from finished MLflow infer runs (oldest first)."""
-    out = []
-    for run in sorted(runs, key=lambda r: r.info.start_time):
-        tags, metrics = run.data.tags, run.data.metrics
-        out.append({
-            "task": tags["task"],
-            "model": tags.get("model", ""),
-            "strategy": tags.get("export_strategy", tags["strategy"]),
-            "precision": tags["precision"],
-            "device": tags.get("device", "cpu"),
-            "runtime_label": tags.get("runtime_label", ""),
-            "primary_metric": tags["primary_metric"],
-            "run_id": run.info.run_id,
-            **metrics,
-        })
-    return out
-
-
-def _key(r: dict) -> tuple:
-    return r.get("device", "cpu"), r.get("runtime_label", ""), r["strategy"], r["precision"]
-
-
-def _baselines(results: list[dict], task: str) -> dict[str, dict]:
-    """Per device, the Paddle Inference FP32 run of the unpruned model (and FP16 on GPU) of `task`."""
-    out = {}
-    for r in results:
-        if r["task"] == task and not r.get("runtime_label") and r["strategy"] == "none":
-            if r["precision"] in ("fp32", "fp16"):
-                out[f"{r.get('device', 'cpu')}/{r['precision']}"] = r
-    return out
-
-
-def seed_table(results: list[dict], model: str) -> str:
-    """Rows: variants; columns: per task QPS (speedup over the same run's FP32 on the same device, and over FP16
-    where there is one) and the metric (delta against that FP32). Prints it with rich and returns Markdown."""
-    tasks = [t for t in TASK_TITLES if any(r["task"] == t for r in results)]
-    tasks += sorted({r["task"] for r in results} - set(tasks))
-    by_key = {(r["task"], *_key(r)): r for r in results}
-    variants = list(dict.fromkeys(_key(r) for r in results))
-    columns = ["variant"]
-    for t in tasks:
-        metric = next(r["primary_metric"] for r in results if r["task"] == t)
-        columns += [f"{TASK_TITLES.get(t, t)} QPS", f"{TASK_TITLES.get(t, t)} {metric}"]
-    baselines = {t: _baselines(results, t) for t in tasks}
-    rows = []
-    for key in variants:
-        device, label, strategy, precision = key
-        row = [variant_name(model, strategy, precision, label) + (" (GPU)" if device == "gpu" else "")]
-        for t in tasks:
-            r = by_key.get((t, *key))
-            if r is None:
-                row += ["-", "-"]
-                continue
-            base = baselines[t]
-            fp32, fp16 = base.get(f"{device}/fp32"), base.get(f"{device}/fp16")
-            metric = f"eval/{r['primary_metric']}"
-            qps, value = r["perf/qps"], r[metric]
-            speed = f"{qps:.2f}"
-            if fp32 is not None:
-                speed += f" ({qps / fp32['perf/qps']:.1f}x)"
-            if fp16 is not None and fp16 is not r and precision != "fp32":
-                speed += f" ({qps / fp16['perf/qps']:.1f}x vs FP16)"
-            quality = f"{value:.2f}" if fp32 is None or fp32 is r else f"{value:.2f} ({value - fp32[metric]:+.2f})"
-            row += [speed, quality]
-        rows.append(row)
-    console.print(table(f"{model}: QPS (batch 32) and metric, speedup and delta against FP32", columns, rows))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def engine_comparison(results: list[dict]) -> str:
-    """Per task: the best Paddle Inference INT8 QPS against the best INT8 of every other engine in the sweep."""
-    lines = []
-    for task in dict.fromkeys(r["task"] for r in results):
-        int8 = [r for r in results if r["task"] == task and r["precision"] == "int8"]
-        paddle = max((r for r in int8 if not r.get("runtime_label")), key=lambda r: r["perf/qps"], default=None)
-        others = {}
-        for r in int8:
-            engine = r.get("runtime_label", "").split(" ")[0]
-            if engine and (engine not in others or r["perf/qps"] > others[engine]["perf/qps"]):
-                others[engine] = r
-        for engine, best in others.items():
-            if paddle is None:
-                continue
-            metric = f"eval/{paddle['primary_metric']}"
-            lines.append(
-                f"- {TASK_TITLES.get(task, task)}: Paddle Inference INT8 ({paddle['strategy']}) {paddle['perf/qps']:.2f} QPS vs "
-                f"{best['runtime_label']} ({best['strategy']}) {best['perf/qps']:.2f} QPS = "
-                f"{paddle['perf/qps'] / best['perf/qps']:.2f}x; {paddle['primary_metric']} {paddle[metric]:.2f} vs {best[metric]:.2f}"
-            )
-    return ("\n## Best INT8 per engine\n" + "\n".join(lines) + "\n") if lines else ""
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both QPS and metric (higher is better for both)."""
-    front = []
-    for i, (q, m) in enumerate(points):
-        if not any((q2 >= q and m2 >= m) and (q2 > q or m2 > m) for q2, m2 in points):
-            front.append(i)
-    return sorted(front, key=lambda i: points[i][0])
-
-
-def pareto_chart(results: list[dict], task: str, model: str, path: Path) -> Path:
-    """Metric against QPS for every variant of `task`, the Pareto front joined by a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in results if r["task"] == task]
-    metric = rows[0]["primary_metric"]
-    points = [(r["perf/qps"], r[f"eval/{metric}"]) for r in rows]
-    front = pareto_front(points)
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    for i, (r, (q, m)) in enumerate(zip(rows, points)):
-        on_front = i in front
-        ax.scatter(q, m, s=60 if on_front else 35, color="tab:red" if on_front else "tab:blue", zorder=3)
-        label = variant_name("", r["strategy"], r["precision"], r.get("runtime_label", "")).lstrip("+")
-        # labels of neighbouring points are staggered vertically so that equal metrics stay readable
-        rank = sorted(range(len(points)), key=lambda j: points[j][0]).index(i)
-        ax.annotate(label, (q, m), textcoords="offset points", xytext=(5, 6 + 11 * (rank % 4)), fontsize=8)
-    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="tab:red", lw=1, zorder=2,
-            label="Pareto front")
-    ax.set_xlabel("QPS (batch 32, higher is better)")
-    ax.set_ylabel(f"{metric} (higher is better)")
-    ax.set_title(f"{TASK_TITLES.get(task, task)} · {model}: {metric} against QPS")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def write_report(results: list[dict], model: str, out_dir: Path, parent=None) -> Path:
-    """results.md and one Pareto PNG per task into `out_dir`, also logged on `parent` (a TrackedRun)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    markdown = seed_table(results, model) + engine_comparison(results)
-    (out_dir / "results.md").write_text(markdown, encoding="utf-8")
-    charts = [pareto_chart(results, t, model, out_dir / f"pareto_{t}.png") for t in dict.fromkeys(r["task"] for r in results)]
-    if parent is not None:
-        parent.log_text(markdown, "results.md")
-        for chart in charts:
-            parent.log_artifact(chart, "report")
-    return out_dir / "results.md"
-
-
-# ---- the command -------------------------------------------------------------------------------------------------
 def select_runs(cfg: DictConfig) -> tuple[list, str | None]:
     """Finished infer runs of the chosen sweep (or filter), and the sweep's parent run id."""
-    from ernie_lab.tracking import find_runs
-
     rc = cfg.report
     if rc.filter:
         # MLflow filters are AND-only, without parentheses
@@ -219,8 +46,6 @@ def select_runs(cfg: DictConfig) -> tuple[list, str | None]:
 def make_report(cfg: DictConfig) -> Path:
     from hydra.core.hydra_config import HydraConfig
 
-    from ernie_lab.tracking import attach_run
-
     runs, sweep = select_runs(cfg)
     results = results_from_runs(runs)
     models = sorted({r["model"] for r in results})
@@ -234,15 +59,14 @@ def make_report(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path="../conf", config_name="report", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with command_errors(cfg):
         make_report(cfg)
-    except ErnieLabError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        sys.exit(2)
+
+
+def cli() -> None:
+    prepare_cli(config_name="report")
+    main()
 
 
 if __name__ == "__main__":
-    from ernie_lab.cli import prepare_cli
-
-    prepare_cli(config_name="report")
-    main()
+    cli()

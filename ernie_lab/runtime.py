@@ -15,6 +15,16 @@ from ernie_lab.errors import ConfigError, check_choice
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("cpu", "gpu", "onnxruntime", "openvino")
+# Paddle Inference runtimes: their rows carry no runtime label, and their FP32 row is the baseline.
+PADDLE_RUNTIMES = ("cpu", "gpu")
+
+
+def runtime_label(runtime: str, precision: str, int8_mode: str | None) -> str:
+    """The engine a benchmark run names in its `runtime_label` tag: empty for Paddle Inference, else e.g.
+    `onnxruntime dynamic` (the results tables read it back to tell engines apart)."""
+    if runtime in PADDLE_RUNTIMES:
+        return ""
+    return f"{runtime} {int8_mode}" if precision == "int8" and int8_mode else runtime
 
 
 def check_precision(runtime: DictConfig, precision: str) -> None:

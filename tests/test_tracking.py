@@ -57,7 +57,8 @@ def test_a_sweep_lists_its_failed_jobs_on_the_parent_run(cfg_factory, tmp_path, 
     from omegaconf import OmegaConf
 
     from ernie_lab.errors import ConfigError
-    from ernie_lab.tracking import PARENT_RUN_ENV, SweepCallback
+    from ernie_lab.sweep import SweepCallback
+    from ernie_lab.tracking import PARENT_RUN_ENV
 
     tracking = cfg_factory("model=tiny").tracking
     config = OmegaConf.create({

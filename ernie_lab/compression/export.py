@@ -5,9 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-INPUT_NAMES = ("input_ids", "token_type_ids")
-MODEL_FILE = "model.pdmodel"
-PARAMS_FILE = "model.pdiparams"
+# defined with the artifact layout, which the inference engines read without importing compression
+from ernie_lab.artifacts import INPUT_NAMES, MODEL_FILE, PARAMS_FILE  # noqa: F401
 
 
 def export_static(model, out_dir: Path) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ernie_lab import artifacts
+from ernie_lab.artifacts import weights_kind
 from ernie_lab.compression.export import INPUT_NAMES, MODEL_FILE, PARAMS_FILE, export_static, max_abs_diff
 from ernie_lab.errors import ConfigError
 from ernie_lab.inference.batching import batches
@@ -18,11 +19,6 @@ from ernie_lab.tracking import TrackedRun
 
 STEPS = ("prune", "export", "quantize")
 EXPORT_CHECK_SAMPLES = 64
-
-
-def weights_kind(strategy: DictConfig) -> str:
-    """`int8` if the strategy's export holds quantized weights, else `float`."""
-    return "int8" if "quantize" in strategy.steps else "float"
 
 
 def compress(cfg: DictConfig, run: TrackedRun) -> dict:

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from omegaconf import DictConfig
 
-from ernie_lab.compression.export import INPUT_NAMES, MODEL_FILE, PARAMS_FILE
+from ernie_lab.artifacts import INPUT_NAMES, MODEL_FILE, PARAMS_FILE
 from ernie_lab.errors import ConfigError, check_choice
 
 # Paddle's `inference.PrecisionType` member for each precision TensorRT builds engines in.

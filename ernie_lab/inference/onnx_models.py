@@ -21,7 +21,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ernie_lab import artifacts
-from ernie_lab.compression.export import INPUT_NAMES, MODEL_FILE, PARAMS_FILE
+from ernie_lab.artifacts import INPUT_NAMES, MODEL_FILE, PARAMS_FILE
 from ernie_lab.errors import ConfigError, MissingArtifactError, check_choice
 from ernie_lab.inference.batching import batches
 from ernie_lab.reporting import console

@@ -1,0 +1,126 @@
+"""SIGTERM and SIGINT become one exception, `Stopped`, wherever the process is, so that every open MLflow run is
+closed as KILLED (with where it stopped) and the process exits promptly.
+
+Why more than `signal.signal`: importing paddle (and paddlenlp, which initialises more of paddle's core) replaces
+the process's C-level SIGTERM handler with paddle's own, which prints `*** SIGTERM ... received` and aborts,
+while Python still believes its handler is installed. An import hook therefore puts ours back after every
+module of those packages is loaded, whichever code imports them first."""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+from importlib.abc import FileLoader
+import os
+import signal
+import sys
+import threading
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Packages whose import installs native signal handlers over ours.
+NATIVE_HANDLER_PACKAGES = ("paddle", "paddlenlp", "paddleslim", "paddle2onnx", "onnxruntime")
+# After the first signal, give the clean-up (closing runs, stopping children) this long before a hard exit.
+GRACE_SECONDS = 30.0
+
+
+class Stopped(SystemExit):
+    """Raised in the main thread by SIGTERM or SIGINT. A SystemExit, so `except Exception` handlers let it through
+    and the exit status is the shell's 128 + signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+        self.signame = signal.Signals(signum).name
+
+    def __str__(self) -> str:
+        return f"stopped by {self.signame}"
+
+
+_received: list[int] = []
+
+
+def received() -> str | None:
+    """The name of the stop signal this process got, if any (a sweep's end reports its parent run as KILLED)."""
+    return signal.Signals(_received[0]).name if _received else None
+
+
+def _stop_children() -> None:
+    """Benchmark and calibration children run in processes of their own; they must not outlive the stop."""
+    try:
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.terminate()
+            except psutil.Error:
+                pass
+    except Exception:  # best effort: the stop itself must not fail here
+        pass
+
+
+def _hard_exit(signum: int) -> None:
+    os._exit(128 + signum)
+
+
+def _handle(signum: int, frame) -> None:
+    if _received:  # already stopping: let the clean-up finish (the grace timer bounds it)
+        return
+    _received.append(signum)
+    _stop_children()
+    timer = threading.Timer(GRACE_SECONDS, _hard_exit, args=(signum,))
+    timer.daemon = True
+    timer.start()
+    raise Stopped(signum)
+
+
+def install() -> None:
+    """(Re-)install the stop handlers; a no-op outside the main thread, where Python cannot set them."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _handle)
+
+
+class _ReinstallAfterNativeImports(importlib.abc.MetaPathFinder):
+    """Wraps the loader of every module of NATIVE_HANDLER_PACKAGES so that `install()` runs after it executes."""
+
+    def __init__(self) -> None:
+        self._finding = threading.local()
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname.split(".")[0] not in NATIVE_HANDLER_PACKAGES or getattr(self._finding, "busy", False):
+            return None
+        self._finding.busy = True
+        try:  # the spec the other finders would give; this finder only wraps its loader
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+            else:
+                return None
+        finally:
+            self._finding.busy = False
+        loader = spec.loader
+        if not isinstance(loader, (FileLoader, importlib.machinery.ExtensionFileLoader)):  # per-module loader instances only
+            return spec
+        original = loader.exec_module
+
+        def exec_module(module):
+            try:
+                original(module)
+            finally:
+                install()
+
+        loader.exec_module = exec_module
+        return spec
+
+
+_hook = _ReinstallAfterNativeImports()
+
+
+def install_for_process() -> None:
+    """Stop handlers now and after every import that would replace them. Call once, first thing in a command."""
+    install()
+    if _hook not in sys.meta_path:
+        sys.meta_path.insert(0, _hook)
