@@ -202,4 +202,7 @@ def test_infer_runs_int8_end_to_end(workdir, exported):
     assert run.info.status == "FINISHED" and tags["runtime"] == "openvino" and tags["runtime_label"] == "openvino ptq"
     assert metrics["perf/qps"] > 0 and metrics["perf/qps_engine"] > 0 and metrics["time/engine_seconds"] > 0
     assert 0 <= metrics["eval/accuracy"] <= 100
+    # the roofline: model FLOPs over the engine time, against this CPU's measured int8 GEMM peak
+    assert metrics["perf/gflops"] > 0 and 0 < metrics["perf/roofline_pct"] < 100
+    assert run.data.params["roofline.peak_used"] == "int8_gflops" and run.data.params["roofline.isa"]
     assert run.data.params["export.dir"].endswith("openvino/none/int8-ptq")

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from ernie_lab import artifacts
 from ernie_lab.artifacts import weights_kind
 from ernie_lab.errors import ConfigError, MissingArtifactError
+from ernie_lab.inference import roofline
 from ernie_lab.inference.engine import STAGES, run_isolated
 from ernie_lab.inference.backends import prepare_for_runtime
 from ernie_lab.inference.workload import EvalWorkload
@@ -137,6 +138,10 @@ def infer(cfg: DictConfig, run: TrackedRun) -> dict:
     run.log_dict(manifest, "manifest.json")
 
     metrics = {**perf_metrics(result, len(examples), n_features, tokenize_seconds), **{f"eval/{k}": v for k, v in scores.items()}}
+    roof_metrics, roof_params = roofline.for_run(cfg, task, manifest, done["batch_shapes"], len(examples), n_features,
+                                                 metrics["perf/qps_engine"])
+    metrics.update(roof_metrics)
+    run.log_params(roof_params)
     run.log_params({
         "data.eval_examples": len(examples),
         "data.eval_features": n_features,
@@ -158,7 +163,7 @@ def infer(cfg: DictConfig, run: TrackedRun) -> dict:
     console.print(table(
         f"{cfg.task.name} · {cfg.model.name} · {label} · {cfg.precision.name}",
         ["metric", "value"],
-        [(k, fmt(v)) for k, v in metrics.items() if k.startswith(("perf/qps", "perf/latency", "perf/peak", "time/", "eval/"))],
+        [(k, fmt(v)) for k, v in metrics.items() if k.startswith(("perf/qps", "perf/gflops", "perf/roofline", "perf/latency", "perf/peak", "time/", "eval/"))],
     ))
     return {"task": cfg.task.name, "model": cfg.model.name, "strategy": label, "precision": cfg.precision.name,
             "device": cfg.runtime.device, "runtime_label": engine_label, "primary_metric": task.primary_metric,

@@ -40,7 +40,9 @@ class EvalWorkload:
 
     def collate(self, features: list[dict]) -> list[dict[str, np.ndarray]]:
         self.chunks = list(batches(features, self.batch_size))
-        return [self.task.collate(chunk) for chunk in self.chunks]
+        collated = [self.task.collate(chunk) for chunk in self.chunks]
+        self.batch_shapes = [tuple(int(d) for d in batch["input_ids"].shape) for batch in collated]
+        return collated
 
     def finish(self, outputs: list) -> dict:
         rows = [row for chunk, arrays in zip(self.chunks, outputs) for row in unbatch(chunk, arrays, self.task.per_token_outputs)]
@@ -51,4 +53,6 @@ class EvalWorkload:
             "seq_len": {"min": min(lengths), "mean": float(np.mean(lengths)), "max": max(lengths)},
             # each batch is padded to its longest feature: the lengths the engine really ran
             "padded_seq_len_mean": float(np.mean([max(len(f["input_ids"]) for f in c) for c in self.chunks])),
+            # (rows, padded length) of every batch the engine ran: the roofline's FLOPs
+            "batch_shapes": self.batch_shapes,
         }

@@ -1,0 +1,82 @@
+"""The roofline figures: the FLOP formula against hand computations, the ISA naming, the per-machine peak cache,
+and the percentage a run logs."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from omegaconf import OmegaConf
+
+from ernie_lab.inference import roofline
+
+MEDIUM = OmegaConf.create({"hidden_size": 768, "num_hidden_layers": 6, "num_attention_heads": 12,
+                           "intermediate_size": 3072})
+
+
+def tnews_like(labels=15):
+    return SimpleNamespace(head_config=lambda: {"num_labels": labels}, output_names=("logits",),
+                           per_token_outputs=False)
+
+
+def test_medium_flops_match_the_hand_computation():
+    shapes = roofline.model_shapes(MEDIUM, {}, tnews_like())
+    # per layer at 36 tokens: QKV 2*36*768*2304 + QK^T and PV 4*36*36*768 + output 2*36*768*768 + FFN 4*36*768*3072
+    #   = 127401984 + 3981312 + 42467328 + 339738624 = 513589248; 6 layers = 3081535488;
+    # pooler 2*768*768 + classifier 2*768*15 = 1202688
+    assert roofline.encoder_flops(shapes, 36) == 3_082_738_176
+    # the issue's "~85 MFLOP per token, ~3.1 GFLOP per title"
+    assert 85e6 < roofline.encoder_flops(shapes, 36) / 36 < 86e6
+
+
+def test_pruned_shapes_come_from_the_manifest():
+    pruning = {"heads_per_layer": [8] * 6, "head_size": 64, "ffn_per_layer": [2048] * 6}
+    shapes = roofline.model_shapes(MEDIUM, {"pruning": pruning}, tnews_like())
+    # per layer: 2*36*768*1536 + 4*36*36*512 + 2*36*512*768 + 4*36*768*2048 = 342392832; x6 + 1202688
+    assert roofline.encoder_flops(shapes, 36) == 2_055_559_680
+
+
+def test_per_token_heads_and_a_pass_over_padded_batches():
+    task = SimpleNamespace(head_config=lambda: {}, output_names=("start_logits", "end_logits"), per_token_outputs=True)
+    tiny = OmegaConf.create({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128})
+    shapes = roofline.model_shapes(tiny, {}, task)
+    # L=10: per layer 2*10*64*192 + 4*10*10*64 + 2*10*64*64 + 4*10*64*128 = 245760+25600+81920+327680 = 680960;
+    # x2 + span head 2*10*64*2 = 2560
+    assert roofline.encoder_flops(shapes, 10) == 1_364_480
+    assert roofline.pass_flops(shapes, [(3, 10), (1, 10)]) == 4 * 1_364_480
+
+
+def test_isa_names():
+    assert roofline.isa_name({"avx2", "fma"}) == "AVX2"
+    assert roofline.isa_name({"avx2", "avx512f"}) == "AVX-512"
+    assert roofline.isa_name({"avx2", "avx512f", "avx512_vnni"}) == "AVX-512 VNNI"
+    assert roofline.isa_name({"avx2", "avx_vnni"}) == "AVX2 + AVX-VNNI"
+    assert roofline.isa_name({"avx512f", "avx512_vnni", "amx_int8", "amx_bf16"}) == "AMX"
+
+
+def test_run_metrics_divide_by_the_precisions_peak():
+    shapes = roofline.model_shapes(MEDIUM, {}, tnews_like())
+    peak = {"isa": "AVX2", "threads": 2, "fp32_gflops": 100.0, "int8_gflops": 200.0}
+    # 10 titles of 36 tokens at 10 titles/s of engine time: 30.83 GFLOP/s
+    metrics, params = roofline.run_metrics(shapes, [(10, 36)], 10, 10, 10.0, "fp32", peak)
+    assert metrics["perf/gflops"] == pytest.approx(30.82738176)
+    assert metrics["perf/roofline_pct"] == pytest.approx(30.82738176)
+    assert params["roofline.isa"] == "AVX2" and params["roofline.peak_used"] == "fp32_gflops"
+    metrics, _ = roofline.run_metrics(shapes, [(10, 36)], 10, 10, 10.0, "int8", peak)
+    assert metrics["perf/roofline_pct"] == pytest.approx(30.82738176 / 2)
+    metrics, _ = roofline.run_metrics(shapes, [(10, 36)], 10, 10, 10.0, "bf16", peak)
+    assert "perf/roofline_pct" not in metrics and metrics["perf/gflops"] > 0
+
+
+def test_peak_probe_runs_once_per_machine_and_is_cached(tmp_path):
+    cache = tmp_path / "peaks.json"
+    runtime = {"name": "cpu", "device": "cpu", "threads": 1, "flush_denormals": False}
+    found = roofline.peaks(runtime, cache, seconds=0.05)
+    assert found["isa"] == roofline.isa_name(roofline.cpu_flag_set())
+    assert found["fp32_gflops"] > 0.5 and found["int8_gflops"] > 0.5
+    stored = json.loads(cache.read_text())
+    assert list(stored) == [roofline.machine_key(1)]
+    # a cached entry is used as it is, without probing again
+    stored[roofline.machine_key(1)]["fp32_gflops"] = 12345.0
+    cache.write_text(json.dumps(stored))
+    assert roofline.peaks(runtime, cache)["fp32_gflops"] == 12345.0
