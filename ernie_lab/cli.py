@@ -42,6 +42,13 @@ def prepare_cli(argv: list[str] | None = None, config_name: str = "config") -> N
         fail(str(exc))
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Every value against the schema (types, ranges, choices), before any work or MLflow run."""
+    from ernie_lab.schema import validate
+
+    validate(cfg)
+
+
 def quiet_libraries() -> None:
     """Third-party deprecation chatter and PaddleNLP's INFO lines would bury the progress bars and tables."""
     import logging
@@ -102,6 +109,7 @@ def run_stage(stage: str, cfg: DictConfig) -> Any:
 
     rank, _ = runtime.data_parallel_rank()
     with command_errors(stage):
+        check_config(cfg)  # again in the job: values only Hydra can resolve (`${hydra:job.num}`) are known now
         # under paddle.distributed.launch only rank 0 records the run
         with tracked_run(cfg, stage) if rank == 0 else nullcontext(UntrackedRun()) as run:
             info = prepare_runtime(cfg, stage)

@@ -44,18 +44,64 @@ def group_options(group: str) -> list[str]:
 def check_overrides(argv: Iterable[str], config_name: str = "config") -> None:
     """Fail before Hydra starts if an override names a key that does not exist, listing the keys that do.
 
-    Group choices (`task=nope`) are left to Hydra, whose error already lists the options."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    Group choices (`task=nope`) are left to Hydra, whose error already lists the options. Then every value is
+    checked against the schema (ernie_lab.schema)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     args = [a for a in argv if "=" in a and not a.startswith("-")]
-    if not args:
-        return
     try:
         overrides = OverridesParser.create().parse_overrides(args)
     except Exception:  # malformed syntax: Hydra reports it with its own pointer into the string
         return
+    _check_keys(overrides, config_name)
+    _check_values(overrides, config_name)
+
+
+def _compose(config_name: str, overrides: list[str]) -> DictConfig | None:
+    """The config as a job would get it (no Hydra section), or None if Hydra itself will refuse the overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name=config_name, overrides=overrides)
+    except Exception:  # a bad group choice or syntax: Hydra's own message names it
+        return None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _check_values(overrides: list, config_name: str) -> None:
+    """Every value of the composed config against ernie_lab.schema; for a sweep (`a=1,2`), every combination of
+    one swept value with the first of the others, so that no job of a multirun can start with a bad value."""
+    from ernie_lab.schema import validate
+
+    base, alternatives = [], []
+    for ov in (o for o in overrides if not o.key_or_group.startswith("hydra")):
+        if ov.is_sweep_override():
+            try:
+                values = list(ov.sweep_string_iterator())
+            except Exception:  # ranges and globs Hydra expands itself: leave them to the job's own check
+                values = []
+            if not values:
+                continue
+            lhs = ov.input_line.split("=", 1)[0]
+            base.append(f"{lhs}={values[0]}")
+            alternatives += [(len(base) - 1, f"{lhs}={v}") for v in values[1:]]
+        else:
+            base.append(ov.input_line)
+    for position, replacement in [(None, None), *alternatives]:
+        args = list(base)
+        if position is not None:
+            args[position] = replacement
+        cfg = _compose(config_name, args)
+        if cfg is not None:
+            validate(cfg)
+
+
+def _check_keys(overrides: list, config_name: str) -> None:
     group_args, keys = [], []
     for ov in overrides:
         key = ov.key_or_group
@@ -68,15 +114,9 @@ def check_overrides(argv: Iterable[str], config_name: str = "config") -> None:
             keys.append(key)
     if not keys:
         return
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=group_args)
-    except Exception:  # a bad group choice: Hydra's message lists the options
+    cfg = _compose(config_name, group_args)
+    if cfg is None:  # a bad group choice: Hydra's message lists the options
         return
-    finally:
-        GlobalHydra.instance().clear()
     for key in keys:
         node: Any = cfg
         walked: list[str] = []

@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ernie_lab.cli import call_stage, command_errors, prepare_cli, prepare_runtime
+from ernie_lab.cli import call_stage, check_config, command_errors, prepare_cli, prepare_runtime
 from ernie_lab.errors import ErnieLabError
 from ernie_lab.reporting import console
 from ernie_lab.results import write_report
@@ -30,11 +30,16 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
     from ernie_lab import runtime
 
     p = cfg.pipeline
+    check_config(cfg)
+    for task in p.tasks:  # each task's stages read its own values (e.g. experiment=quickstart's per-task table)
+        check_config(_stage_config(user_overrides, [f"task={task}"]))
     prepare_runtime(cfg, "pipeline")  # this process trains; benchmarks run in children
     variants, skipped = [], []
     for strategy, precision, *extra in p.variants:
         # a variant may bring overrides of its own, e.g. `runtime=onnxruntime runtime.int8_mode=static`
-        rt_cfg = _stage_config(user_overrides, list(extra)).runtime if extra else cfg.runtime
+        variant_cfg = _stage_config(user_overrides, list(extra)) if extra else cfg
+        check_config(variant_cfg)
+        rt_cfg = variant_cfg.runtime
         name = "/".join([strategy, precision, *extra])
         gap = runtime.hardware_gap(rt_cfg, precision) if precision in rt_cfg.precisions else None
         if gap:  # this machine lacks the instructions: leave the row out and say why

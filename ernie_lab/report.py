@@ -13,7 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ernie_lab.cli import command_errors, prepare_cli
+from ernie_lab.cli import check_config, command_errors, prepare_cli
 from ernie_lab.errors import MissingArtifactError
 from ernie_lab.reporting import console
 from ernie_lab.results import results_from_runs, write_report
@@ -59,7 +59,8 @@ def make_report(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path="../conf", config_name="report", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with command_errors(cfg):
+    with command_errors():
+        check_config(cfg)
         make_report(cfg)
 
 

@@ -98,3 +98,109 @@ def test_unknown_key_fails_before_any_work(tmp_path):
     assert result.returncode == 2
     assert "train.epoch" in result.stdout and "epochs" in result.stdout
     assert not (tmp_path / "mlflow.db").exists()
+
+
+# --- the schema (ernie_lab/schema.py): every value checked before any work or MLflow run --------------------------
+# The four cases of issue #12, then more across the groups: (overrides, the key the message must name).
+BAD_VALUES = [
+    (["train.learning_rate=abc"], "train.learning_rate"),
+    (["task=tnews", "task.max_seq_length=-3"], "task.max_seq_length"),
+    (["runtime.threads=0"], "runtime.threads"),
+    (["strategy=dynabert", "prune.width_mult=1.5"], "prune.width_mult"),
+    (["train.batch_size=0"], "train.batch_size"),
+    (["train.epochs=1.5"], "train.epochs"),
+    (["train.warmup_proportion=2"], "train.warmup_proportion"),
+    (["train.weight_decay=-0.1"], "train.weight_decay"),
+    (["train.max_steps=-1"], "train.max_steps"),
+    (["train.save_every_steps=0"], "train.save_every_steps"),
+    (["train.resume=maybe"], "train.resume"),
+    (["task.train.learning_rate=-0.001"], "task.train.learning_rate"),
+    (["task=cmrc2018", "task.doc_stride=0"], "task.doc_stride"),
+    (["task.data.heldout_size=0"], "task.data.heldout_size"),
+    (["task.data.limit.train=-5"], "task.data.limit.train"),
+    (["task.data.source=nowhere"], "task.data.source"),
+    (["model=tiny", "task.max_seq_length=4096"], "task.max_seq_length"),
+    (["model.hidden_dropout_prob=1.5"], "model.hidden_dropout_prob"),
+    (["model.init=magic"], "model.init"),
+    (["benchmark.batch_size=0"], "benchmark.batch_size"),
+    (["benchmark.passes=0"], "benchmark.passes"),
+    (["benchmark.warmup_seconds=-1"], "benchmark.warmup_seconds"),
+    (["quantize.batch_nums=0"], "quantize.batch_nums"),
+    (["quantize.algo=avg"], "quantize.algo"),
+    (["quantize.hist_percent=2"], "quantize.hist_percent"),
+    (["quantize=search", "quantize.search.budget=-1"], "quantize.search.budget"),
+    (["quantize.search.batch_nums=[4,0]"], "quantize.search.batch_nums"),
+    (["prune.train_widths=[1.0,0]"], "prune.train_widths"),
+    (["prune.importance.samples=0"], "prune.importance.samples"),
+    (["prune.distill.temperature=0"], "prune.distill.temperature"),
+    (["runtime=onnxruntime", "runtime.int8_mode=fast"], "runtime.int8_mode"),
+    (["runtime=onnxruntime", "runtime.int8.calibration.percentile=150"], "runtime.int8.calibration.percentile"),
+    (["runtime=gpu", "runtime.gpu_id=-1"], "runtime.gpu_id"),
+    (["runtime=gpu", "runtime.tensorrt.workspace_mb=0"], "runtime.tensorrt.workspace_mb"),
+    (["seed=-1"], "seed"),
+    (["experiment=quickstart", "quickstart.tnews.max_steps=0"], "quickstart.tnews.max_steps"),
+    (["-m", "train.learning_rate=1e-5,abc"], "train.learning_rate"),  # every value of a sweep
+]
+
+
+@pytest.mark.parametrize("overrides,key", BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
+def test_a_bad_value_is_refused_in_one_line_naming_key_value_and_what_is_allowed(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        check_overrides(overrides)
+    message = str(err.value)
+    value = next(o for o in overrides if o.startswith(key + "=")).split("=", 1)[1].split(",")[-1]
+    assert "\n" not in message
+    assert message.startswith(f"{key}="), message
+    assert value.strip("[]").split(",")[-1] in message and "allowed:" in message, message
+
+
+def test_an_interpolated_value_is_checked_resolved():
+    from ernie_lab.schema import validate
+
+    cfg = make_cfg(["task.train.batch_size=0"])  # train.batch_size and prune.train.batch_size read it
+    with pytest.raises(ConfigError, match=r"^task\.train\.batch_size=0 is not valid"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("script,args", [
+    ("train.py", ["train.learning_rate=abc"]),
+    ("train.py", ["task=tnews", "task.max_seq_length=-3"]),
+    ("infer.py", ["runtime.threads=0"]),
+    ("compress.py", ["strategy=dynabert", "prune.width_mult=1.5"]),
+])
+def test_the_issue_cases_exit_2_before_any_run(tmp_path, script, args):
+    result = run_script(script, *args, tmp=tmp_path, timeout=180)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1 and args[-1].split("=")[0] in lines[0] and "allowed" in lines[0], result.stdout
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run created, so none left RUNNING
+
+
+def _every_config():
+    for group in GROUPS + ["prune"]:
+        for option in group_options(group):
+            yield f"{group}={option}", make_cfg([f"{group}={option}"])
+    for option in group_options("experiment"):
+        for task in group_options("task"):
+            yield f"pipeline experiment={option} task={task}", make_cfg([f"experiment={option}", f"task={task}"],
+                                                                       config_name="pipeline")
+    yield "report", make_cfg([], config_name="report")
+
+
+def test_every_group_option_and_experiment_validates():
+    from ernie_lab.schema import problems
+
+    for name, cfg in _every_config():
+        direct, derived = problems(cfg)
+        assert not direct and not derived, f"{name}: {direct + derived}"
+
+
+def test_every_numeric_key_has_a_rule():
+    from ernie_lab.schema import undeclared
+
+    def numeric(node):
+        value = node._value()
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    missing = {key for _, cfg in _every_config() for key in undeclared(cfg, numeric)}
+    assert not missing, f"add these keys to ernie_lab/schema.py SCHEMA: {sorted(missing)}"
