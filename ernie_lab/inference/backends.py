@@ -70,6 +70,13 @@ class PaddleInferenceBackend:
             config.disable_mkldnn()
             return
         config.enable_mkldnn()
+        capacity = int(runtime.get("onednn_cache_capacity", 0))
+        if capacity < 0:
+            raise ConfigError(f"runtime.onednn_cache_capacity={capacity} is not valid; choose 0 (Paddle's default: "
+                              "no per-shape cache clearing) or a positive number of input shapes")
+        if capacity:
+            # Keep oneDNN primitives of at most this many input shapes (least recently used dropped).
+            config.set_mkldnn_cache_capacity(capacity)
         if precision == "bf16":
             config.enable_mkldnn_bfloat16()
         elif precision == "int8":

@@ -124,8 +124,10 @@ def infer(cfg: DictConfig, run: TrackedRun) -> dict:
         f"({cfg.runtime.threads} threads): {len(examples)} examples, batches of {bench.batch_size}, "
         f"{bench.passes} timed pass(es) after >= {bench.warmup_batches} batches and >= {bench.warmup_seconds}s of warm-up"
     )
+    # runtime.pad_to_multiple (runtime=cpu): batch lengths rounded up, fewer distinct shapes for oneDNN's caches
+    workload = EvalWorkload(task, examples, features, int(bench.batch_size), int(cfg.runtime.get("pad_to_multiple", 1)))
     result = run_isolated(
-        model_dir, OmegaConf.to_container(cfg.runtime, resolve=True), cfg.precision.name, EvalWorkload(task, examples, features, int(bench.batch_size)),
+        model_dir, OmegaConf.to_container(cfg.runtime, resolve=True), cfg.precision.name, workload,
         int(bench.warmup_batches), float(bench.warmup_seconds), int(bench.passes),
     )
     done = result["predictions"]
