@@ -1,0 +1,170 @@
+"""Every run ends in a true state: SIGTERM or SIGINT at any moment (before paddle is imported, during
+featurization, training, calibration, the benchmark child) closes the MLflow run as KILLED, tagged with where it
+stopped, and the process exits promptly."""
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from ernie_lab.config import PROJECT_ROOT
+from tests.conftest import isolated_overrides, run_script
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model=tiny", "task=tnews", "task.data.limit.eval=64", "task.data.heldout_size=200", "train.threads=1",
+        "runtime.threads=1"]
+# Seconds a stopped command may take to close its run and exit (paddle's own clean-up included).
+PROMPT = 45
+
+
+def _rows(db: Path, sql: str) -> list[tuple]:
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            return conn.execute(sql).fetchall()
+    except sqlite3.OperationalError:  # the schema is still being created
+        return []
+
+
+def run_created(tmp: Path, proc) -> bool:
+    return bool(_rows(tmp / "mlflow.db", "select run_uuid from runs where status = 'RUNNING'"))
+
+
+def metric_logged(name: str):
+    return lambda tmp, proc: bool(_rows(tmp / "mlflow.db", f"select 1 from metrics where key = '{name}'"))
+
+
+def param_logged(name: str):
+    return lambda tmp, proc: bool(_rows(tmp / "mlflow.db", f"select 1 from params where key = '{name}'"))
+
+
+def file_exists(pattern: str):
+    return lambda tmp, proc: any((tmp / "artifacts").glob(pattern))
+
+
+def settled(when, seconds: float):
+    """`when` has held for `seconds` (to get past a short step that follows the observable one)."""
+    first: list[float] = []
+
+    def check(tmp: Path, proc) -> bool:
+        if not first and when(tmp, proc):
+            first.append(time.monotonic())
+        return bool(first) and time.monotonic() - first[0] >= seconds
+
+    return check
+
+
+def benchmark_child_running(tmp: Path, proc) -> bool:
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        return any("spawn_main" in " ".join(c.cmdline()) for c in children)
+    except psutil.Error:
+        return False
+
+
+def stop(script: str, args: list[str], signum: int, when, tmp: Path, wait: float = 300) -> tuple[int, str, list]:
+    """Start `script`, send `signum` once `when(tmp, proc)` holds, and return (exit status, output, runs). The
+    command's child processes (the benchmark's) must be gone by then too."""
+    cmd = [sys.executable, str(PROJECT_ROOT / script), *args, *isolated_overrides(tmp)]
+    log = tmp / f"{script}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
+        try:
+            deadline = time.monotonic() + wait
+            while not when(tmp, proc):
+                assert proc.poll() is None, f"{script} ended before the moment to stop it:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"{script} never reached the moment to stop it"
+                time.sleep(0.2)
+            children = psutil.Process(proc.pid).children(recursive=True)
+            proc.send_signal(signum)
+            code = proc.wait(timeout=PROMPT)
+            _, alive = psutil.wait_procs(children, timeout=10)
+            assert not alive, f"{script} left child processes behind: {alive}"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    runs = _rows(tmp / "mlflow.db", "select run_uuid, status, name from runs")
+    return code, log.read_text(), runs
+
+
+def assert_killed(code: int, output: str, runs: list, tmp: Path, signum: int) -> str:
+    """The command exited with the signal's status and every run is KILLED; returns where it stopped."""
+    assert code == 128 + signum, output[-3000:]
+    assert runs, output[-3000:]
+    assert not [r for r in runs if r[1] == "RUNNING"], runs
+    assert all(r[1] == "KILLED" for r in runs), runs
+    tags = dict(_rows(tmp / "mlflow.db", "select key, value from tags where key in ('stopped_at', 'error')"))
+    assert tags.get("error", "").startswith("Stopped: stopped by " + signal.Signals(signum).name), tags
+    assert "ernie_lab/" in tags.get("stopped_at", ""), tags
+    print(f"{signal.Signals(signum).name}: stopped at {tags['stopped_at']}")
+    return tags["stopped_at"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A fine-tuned and exported tiny model, for the compress and infer cases."""
+    tmp = tmp_path_factory.mktemp("signals")
+    for script, extra in [("train.py", ["task.data.limit.train=64", "train.max_steps=2"]),
+                          ("compress.py", ["strategy=none"])]:
+        result = run_script(script, *TINY, *extra, tmp=tmp, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp
+
+
+def _fresh(trained: Path, tmp: Path) -> Path:
+    """The trained artifacts under a new MLflow store, so each case sees only its own run."""
+    (tmp / "artifacts").symlink_to(trained / "artifacts", target_is_directory=True)
+    return tmp
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_at_start_leaves_no_run_running(tmp_path, signum):
+    """Right after the run is created, while paddle is being imported."""
+    code, output, runs = stop("train.py", [*TINY, "task.data.limit.train=64"], signum, run_created, tmp_path)
+    assert_killed(code, output, runs, tmp_path, signum)
+
+
+def test_sigterm_during_featurization(tmp_path):
+    # the whole TNEWS train file: featurizing it takes far longer than reaching the runtime_info params
+    # past reading the file (a second or two), into featurizing its 53k titles
+    code, output, runs = stop("train.py", TINY, signal.SIGTERM, settled(param_logged("runtime_info.threads"), 4.0), tmp_path)
+    where = assert_killed(code, output, runs, tmp_path, signal.SIGTERM)
+    assert "ernie_lab/tasks/" in where or "ernie_lab/modeling.py" in where, where
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_during_training(tmp_path, signum):
+    args = [*TINY, "task.data.limit.train=2000", "train.max_steps=100000", "train.log_every_steps=1",
+            "train.batch_size=4"]
+    code, output, runs = stop("train.py", args, signum, metric_logged("train/loss"), tmp_path)
+    assert "ernie_lab/training.py" in assert_killed(code, output, runs, tmp_path, signum)
+
+
+def test_sigterm_during_calibration(trained, tmp_path):
+    tmp = _fresh(trained, tmp_path)
+    args = [*TINY, "strategy=ptq", "task.data.heldout_size=10000", "quantize.batch_size=1",
+            "quantize.batch_nums=10000", "quantize.algo=hist"]
+    # the float model is written into the hidden work directory, checked against dygraph on 64 examples (seconds),
+    # then calibrated on 10000 single-example batches, twice (hist): far longer
+    exported = file_exists("**/.ptq.tmp-*/float/model.pdiparams")
+    code, output, runs = stop("compress.py", args, signal.SIGTERM, settled(exported, 12.0), tmp)
+    where = assert_killed(code, output, runs, tmp, signal.SIGTERM)
+    assert "compression/ptq_search.py" in where or "compression/quantize.py" in where, where
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_during_the_benchmark_child(trained, tmp_path, signum):
+    tmp = _fresh(trained, tmp_path)
+    args = [*TINY, "strategy=none", "precision=fp32", "benchmark.warmup_seconds=600"]
+    code, output, runs = stop("infer.py", args, signum, benchmark_child_running, tmp)
+    assert "ernie_lab/inference/engine.py" in assert_killed(code, output, runs, tmp, signum)
