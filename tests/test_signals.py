@@ -74,8 +74,9 @@ def benchmark_child_running(tmp: Path, proc) -> bool:
 def stop(script: str, args: list[str], signum: int, when, tmp: Path, wait: float = 300) -> tuple[int, str, list]:
     """Start `script`, send `signum` once `when(tmp, proc)` holds, and return (exit status, output, runs). The
     command's child processes (the benchmark's) must be gone by then too."""
-    cmd = [sys.executable, str(PROJECT_ROOT / script), *args, *isolated_overrides(tmp)]
-    log = tmp / f"{script}.log"
+    program = ["-m", script[3:]] if script.startswith("-m ") else [str(PROJECT_ROOT / script)]
+    cmd = [sys.executable, *program, *args, *isolated_overrides(tmp)]
+    log = tmp / "command.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=tmp, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
         try:
@@ -168,3 +169,19 @@ def test_stop_during_the_benchmark_child(trained, tmp_path, signum):
     args = [*TINY, "strategy=none", "precision=fp32", "benchmark.warmup_seconds=600"]
     code, output, runs = stop("infer.py", args, signum, benchmark_child_running, tmp)
     assert "ernie_lab/inference/engine.py" in assert_killed(code, output, runs, tmp, signum)
+
+
+def test_sigint_stops_the_pipeline_and_its_stage(tmp_path):
+    args = ["model=tiny", "pipeline.tasks=[tnews]", "pipeline.variants=[[none,fp32]]", "quickstart.tnews.max_steps=100000",
+            "quickstart.tnews.train_limit=2000", "train.log_every_steps=1", "train.threads=1", "runtime.threads=1"]
+    code, output, runs = stop("-m ernie_lab.pipeline", args, signal.SIGINT, metric_logged("train/loss"), tmp_path)
+    assert sorted(name.split("-")[0] for _, _, name in runs) == ["pipeline", "train"]  # the parent and its stage
+    assert "ernie_lab/training.py" in assert_killed(code, output, runs, tmp_path, signal.SIGINT)
+
+
+def test_sigterm_stops_a_multirun_and_closes_its_parent_run(tmp_path):
+    args = ["-m", *TINY, "task.data.limit.train=2000", "train.max_steps=100000", "train.log_every_steps=1",
+            "train.learning_rate=1e-3,2e-3"]
+    code, output, runs = stop("train.py", args, signal.SIGTERM, metric_logged("train/loss"), tmp_path)
+    assert sorted(name.split("-")[0] for _, _, name in runs) == ["sweep", "train"]  # the second job never started
+    assert_killed(code, output, runs, tmp_path, signal.SIGTERM)
