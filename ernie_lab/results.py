@@ -85,6 +85,7 @@ def seed_table(results: list[dict], model: str) -> str:
                 speed += f" ({qps / fp32['perf/qps']:.1f}x)"
             if fp16 is not None and fp16 is not r and precision != "fp32":
                 speed += f" ({qps / fp16['perf/qps']:.1f}x vs FP16)"
+            speed += roofline_note(r)
             quality = f"{value:.2f}" if fp32 is None or fp32 is r else f"{value:.2f} ({value - fp32[metric]:+.2f})"
             row += [speed, quality]
         rows.append(row)
@@ -92,6 +93,80 @@ def seed_table(results: list[dict], model: str) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def roofline_note(r: dict) -> str:
+    """` [52 GFLOP/s, 81%]`: the run's model GFLOP/s over its engine time and that as a share of this CPU's measured
+    GEMM peak for the precision (runs without the figures, e.g. older ones, get nothing)."""
+    if r.get("perf/gflops") is None:
+        return ""
+    pct = r.get("perf/roofline_pct")
+    return f" [{r['perf/gflops']:.1f} GFLOP/s" + (f", {pct:.0f}%]" if pct is not None else "]")
+
+
+ENGINE_TITLES = {"": "Paddle Inference", "onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
+
+
+def engine_of(r: dict) -> str:
+    """The library that ran a result: the first word of its runtime label (empty: Paddle Inference)."""
+    return r.get("runtime_label", "").split(" ")[0]
+
+
+def budget_reference(results: list[dict], task: str) -> dict | None:
+    """The run a variant's metric loss is measured against: the task's Paddle Inference FP32 run of the unpruned
+    model (CPU, else GPU), or, in a sweep without one, the best unpruned FP32 run of any engine."""
+    base = _baselines(results, task)
+    reference = base.get("cpu/fp32") or base.get("gpu/fp32")
+    if reference is None:
+        fp32 = [r for r in results if r["task"] == task and r["precision"] == "fp32" and r["strategy"] == "none"]
+        reference = max(fp32, key=lambda r: r[f"eval/{r['primary_metric']}"], default=None)
+    return reference
+
+
+def within_budget(results: list[dict], task: str, budget: float) -> list[dict]:
+    """The task's results whose primary metric is at most `budget` points below the reference (all of them when
+    the sweep has no FP32 run to measure against)."""
+    rows = [r for r in results if r["task"] == task]
+    reference = budget_reference(results, task)
+    if reference is None:
+        return rows
+    metric = f"eval/{reference['primary_metric']}"
+    return [r for r in rows if r[metric] >= reference[metric] - budget - 1e-9]
+
+
+def engine_ranking(results: list[dict], model: str, budget: float = 0.5) -> str:
+    """Per task, the engines ranked by their fastest variant within `budget` points of FP32, and the fastest
+    variant of all; printed as a table and returned as Markdown."""
+    lines, rows = [], []
+    for task in dict.fromkeys(r["task"] for r in results):
+        title = TASK_TITLES.get(task, task)
+        ok = within_budget(results, task, budget)
+        best: dict[str, dict] = {}
+        for r in ok:
+            engine = engine_of(r)
+            if engine not in best or r["perf/qps"] > best[engine]["perf/qps"]:
+                best[engine] = r
+        ranked = sorted(best.values(), key=lambda r: r["perf/qps"], reverse=True)
+        if not ranked:
+            lines.append(f"- {title}: no variant within {budget:g} point of FP32")
+            continue
+        metric = ranked[0]["primary_metric"]
+        order = " > ".join(
+            f"{ENGINE_TITLES.get(engine_of(r), engine_of(r))} {r['perf/qps']:.2f} QPS "
+            f"({variant_name(model, r['strategy'], r['precision'], r.get('runtime_label', ''))}, "
+            f"{metric} {r[f'eval/{metric}']:.2f}{roofline_note(r)})"
+            for r in ranked
+        )
+        lines.append(f"- {title}: {order}")
+        top = ranked[0]
+        rows.append([title, variant_name(model, top["strategy"], top["precision"], top.get("runtime_label", "")),
+                     f"{top['perf/qps']:.2f}{roofline_note(top)}", f"{top[f'eval/{metric}']:.2f}",
+                     " > ".join(ENGINE_TITLES.get(engine_of(r), engine_of(r)) for r in ranked)])
+    if rows:
+        console.print(table(f"Fastest variant per task within {budget:g} point of FP32, all engines",
+                            ["task", "fastest variant", "QPS", "metric", "engines, fastest first"], rows))
+    head = f"\n## Fastest within {budget:g} point of FP32, per task (engines ranked by their fastest such variant)\n"
+    return head + "\n".join(lines) + "\n" if lines else ""
 
 
 def engine_comparison(results: list[dict]) -> str:
@@ -159,11 +234,11 @@ def pareto_chart(results: list[dict], task: str, model: str, path: Path) -> Path
     return path
 
 
-def write_report(results: list[dict], model: str, out_dir: Path, parent=None) -> Path:
+def write_report(results: list[dict], model: str, out_dir: Path, parent=None, budget: float = 0.5) -> Path:
     """results.md and one Pareto PNG per task into `out_dir`, also logged on `parent` (anything with a TrackedRun's
     `log_text`/`log_artifact`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    markdown = seed_table(results, model) + engine_comparison(results)
+    markdown = seed_table(results, model) + engine_comparison(results) + engine_ranking(results, model, budget)
     (out_dir / "results.md").write_text(markdown, encoding="utf-8")
     charts = [pareto_chart(results, t, model, out_dir / f"pareto_{t}.png") for t in dict.fromkeys(r["task"] for r in results)]
     if parent is not None:
