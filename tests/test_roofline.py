@@ -64,6 +64,10 @@ def test_run_metrics_divide_by_the_precisions_peak():
     assert params["roofline.isa"] == "AVX2" and params["roofline.peak_used"] == "fp32_gflops"
     metrics, _ = roofline.run_metrics(shapes, [(10, 36)], 10, 10, 10.0, "int8", peak)
     assert metrics["perf/roofline_pct"] == pytest.approx(30.82738176 / 2)
+    assert "roofline.warning" not in params
+    _, params = roofline.run_metrics(shapes, [(10, 36)], 10, 10, 10.0, "fp32", {**peak, "fp32_gflops": 20.0,
+                                                                               "measured_at": "then"})
+    assert "busy CPU" in params["roofline.warning"]
     metrics, _ = roofline.run_metrics(shapes, [(10, 36)], 10, 10, 10.0, "bf16", peak)
     assert "perf/roofline_pct" not in metrics and metrics["perf/gflops"] > 0
 

@@ -201,6 +201,10 @@ def run_metrics(shapes: dict, batch_shapes: Sequence[tuple[int, int]], features:
         if probe and f"{probe}_gflops" in peak:
             metrics["perf/roofline_pct"] = 100.0 * gflops / peak[f"{probe}_gflops"]
             params["roofline.peak_used"] = f"{probe}_gflops"
+            if metrics["perf/roofline_pct"] > 100:
+                # the probe's peak is too low: it ran while other processes held the cores
+                params["roofline.warning"] = (f"above the probed {probe} peak ({peak['measured_at']}): the probe ran on "
+                                              "a busy CPU; delete its entry in benchmark.roofline.cache_file to re-probe")
     return metrics, params
 
 
