@@ -89,10 +89,17 @@ def seed_table(results: list[dict], model: str) -> str:
             quality = f"{value:.2f}" if fp32 is None or fp32 is r else f"{value:.2f} ({value - fp32[metric]:+.2f})"
             row += [speed, quality]
         rows.append(row)
-    console.print(table(f"{model}: QPS (batch 32) and metric, speedup and delta against FP32", columns, rows))
+    console.print(table(f"{model}: QPS (batch 32) and metric, speedup and delta against FP32", columns, _plain(rows)))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def _plain(rows: list[list[str]]) -> list[list[str]]:
+    """Cells printed as written: rich would read `[openvino]` in a variant name as a style tag and drop it."""
+    from rich.markup import escape
+
+    return [[escape(str(cell)) for cell in row] for row in rows]
 
 
 def roofline_note(r: dict) -> str:
@@ -164,7 +171,7 @@ def engine_ranking(results: list[dict], model: str, budget: float = 0.5) -> str:
                      " > ".join(ENGINE_TITLES.get(engine_of(r), engine_of(r)) for r in ranked)])
     if rows:
         console.print(table(f"Fastest variant per task within {budget:g} point of FP32, all engines",
-                            ["task", "fastest variant", "QPS", "metric", "engines, fastest first"], rows))
+                            ["task", "fastest variant", "QPS", "metric", "engines, fastest first"], _plain(rows)))
     head = f"\n## Fastest within {budget:g} point of FP32, per task (engines ranked by their fastest such variant)\n"
     return head + "\n".join(lines) + "\n" if lines else ""
 
