@@ -206,3 +206,40 @@ def test_infer_runs_int8_end_to_end(workdir, exported):
     assert metrics["perf/gflops"] > 0 and 0 < metrics["perf/roofline_pct"] < 100
     assert run.data.params["roofline.peak_used"] == "int8_gflops" and run.data.params["roofline.isa"]
     assert run.data.params["export.dir"].endswith("openvino/none/int8-ptq")
+
+
+def test_span_head_converts_and_both_outputs_match_paddle(tmp_path):
+    """CMRC2018's span head ends with `unstack`, which OpenVINO's Paddle frontend converts only from static
+    shapes: the model is converted with a placeholder shape and made dynamic again; start and end logits must
+    still be Paddle's, in Paddle's order, at every batch and window length."""
+    from ernie_lab.compression.strategy import compress
+    from ernie_lab.training import finetune
+
+    overrides = isolated_overrides(tmp_path) + [
+        "model=tiny", "task=cmrc2018", "task.data.limit.train=64", "task.data.limit.eval=40", "task.data.heldout_size=32",
+        "task.selection_split=heldout", "task.train.epochs=1", "task.train.batch_size=16"]
+    cfg = make_cfg(overrides)
+    run_stage(cfg, "train", finetune)
+    run_stage(make_cfg(overrides + ["strategy=none"]), "compress", compress)
+    export = artifacts.export_dir(cfg, "none")
+    ov_cfg = make_cfg(overrides + OV)
+    task = task_for(ov_cfg)
+    model_dir = ov_model_for(ov_cfg, task, export)
+    assert "static placeholder" in artifacts.read_json(model_dir / artifacts.MANIFEST)["conversion"]
+    features = task.featurize(task.load("eval"), training=False)
+    feeds = [task.collate(features[i : i + 32]) for i in range(0, len(features), 32)]
+    from ernie_lab.inference.engine import measure_isolated
+
+    outputs = {}
+    for name, directory, runtime in (("paddle", export, cfg.runtime), ("openvino", model_dir, ov_cfg.runtime)):
+        outputs[name] = measure_isolated(directory, OmegaConf.to_container(runtime, resolve=True), "fp32", feeds, 0, 1)["outputs"]
+    for paddle_batch, ov_batch in zip(outputs["paddle"], outputs["openvino"]):
+        assert len(paddle_batch) == len(ov_batch) == 2
+        for paddle, openvino in zip(paddle_batch, ov_batch):
+            assert paddle.shape == openvino.shape and np.abs(paddle - openvino).max() < 1e-3
+
+
+def ov_model_for(cfg, task, export_dir):
+    from ernie_lab.inference.openvino_engine import prepare_model
+
+    return prepare_model(cfg, task, export_dir, "fp32")
