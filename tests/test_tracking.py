@@ -26,22 +26,27 @@ def test_a_run_that_raises_is_failed_with_its_traceback(cfg_factory, tmp_path):
 
 
 def test_multirun_records_the_failed_job_and_runs_the_others(tmp_path):
-    # job #0 names a data source that does not exist; job #1 must still train
+    # job #0 reads a data directory that does not exist (an invalid *value*, e.g. task.data.source=nowhere, is
+    # refused before the sweep starts: tests/test_config.py); job #1 must still train
+    from tests.conftest import DATA_DIR
+
+    nowhere = tmp_path / "nowhere"
     result = run_script(
-        "train.py", "-m", "model=tiny", "task.data.source=nowhere,local", "task.data.limit.train=64",
+        "train.py", "-m", "model=tiny", f"task.data.dir={nowhere},{DATA_DIR / 'tnews'}", "task.data.limit.train=64",
         "task.data.limit.eval=32", "task.train.epochs=1", tmp=tmp_path, timeout=300,
     )
     assert result.returncode != 0
     out = result.stdout + result.stderr
-    assert "1 of 2 jobs failed" in out and "task.data.source=nowhere" in out
-    assert "choose one of: local, online" in out
+    assert "1 of 2 jobs failed" in out and f"task.data.dir={nowhere}" in out
+    assert str(nowhere) in out
     from omegaconf import OmegaConf
 
     tracking = OmegaConf.create({"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "ernie-lab"})
-    jobs = {r.data.params["task.data.source"]: r for r in find_runs(tracking, "tags.stage = 'train'")}
+    jobs = {r.data.params["task.data.dir"]: r for r in find_runs(tracking, "tags.stage = 'train'")}
     (parent,) = find_runs(tracking, "tags.stage = 'sweep'")
-    assert jobs["nowhere"].info.status == "FAILED" and "nowhere" in jobs["nowhere"].data.tags["error"]
-    assert jobs["local"].info.status == "FINISHED" and "best/accuracy" in jobs["local"].data.metrics
+    assert jobs[str(nowhere)].info.status == "FAILED" and "nowhere" in jobs[str(nowhere)].data.tags["error"]
+    local = jobs[str(DATA_DIR / "tnews")]
+    assert local.info.status == "FINISHED" and "best/accuracy" in local.data.metrics
     assert {r.data.tags["mlflow.parentRunId"] for r in jobs.values()} == {parent.info.run_id}
     assert {r.data.tags["sweep_id"] for r in jobs.values()} == {parent.info.run_id}
     assert parent.info.status == "FAILED"
