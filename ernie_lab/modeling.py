@@ -75,10 +75,14 @@ def build_model(model_cfg: DictConfig, model_class, head: dict):
     """The task's ERNIE model: head sizes from the task, weights as `model.init` says."""
     check_choice("model.init", model_cfg.init, INITS)
     if model_cfg.init == "pretrained":
-        return model_class.from_pretrained(model_cfg.pretrained_name, **head)
-    if model_cfg.init in ("checkpoint", "package"):
-        return model_class.from_pretrained(str(_checkpoint_dir(model_cfg)), **head)
-    return model_class(ernie_config(model_cfg, **head))
+        model = model_class.from_pretrained(model_cfg.pretrained_name, **head)
+    elif model_cfg.init in ("checkpoint", "package"):
+        model = model_class.from_pretrained(str(_checkpoint_dir(model_cfg)), **head)
+    else:
+        model = model_class(ernie_config(model_cfg, **head))
+    # read by the sequence classifier's forward (tasks/tnews.py) and saved with the fine-tuned config
+    model.config.pooling = model_cfg.pooling
+    return model
 
 
 def load_finetuned(path: Path, model_class, expected_task: str | None = None):

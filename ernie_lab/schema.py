@@ -164,6 +164,7 @@ SCHEMA: dict[str, Rule] = {
     "train.save_every_steps": COUNT_OR_NULL,
     "train.resume": Rule(str, choices=("auto", True, False)),
     "train.threads": COUNT,
+    "train.freeze_word_embeddings": Bool(),
     # model/
     "model.name": Str(nonempty=True),
     "model.init": Choice("random", "pretrained", "checkpoint", "package"),
@@ -184,6 +185,7 @@ SCHEMA: dict[str, Rule] = {
     "model.num_attention_heads": COUNT,
     "model.intermediate_size": COUNT,
     "model.package.*": Str(),
+    "model.pooling": Choice("cls", "mean"),
     # task/
     "task.name": Str(nonempty=True),
     # [CLS] x [SEP] at the least, and no longer than the position table
@@ -214,6 +216,8 @@ SCHEMA: dict[str, Rule] = {
     "runtime.onednn": Bool(),
     "runtime.int8_ops": ListOf(Str()),
     "runtime.flush_denormals": Bool(),
+    "runtime.onednn_cache_capacity": Int(0),
+    "runtime.pad_to_multiple": COUNT,
     "runtime.precisions": ListOf(Choice(*PRECISIONS), nonempty=True),
     "runtime.gpu_id": Int(0),
     "runtime.gpu_memory_mb": COUNT,
@@ -288,6 +292,7 @@ SCHEMA: dict[str, Rule] = {
     "quickstart.*.train_limit": COUNT,
     "quickstart.*.max_seq_length": Int(4, "model.max_position_embeddings"),
     "quickstart.prune_steps.*": COUNT,
+    "quickstart.*.eval_limit": COUNT_OR_NULL,
     # pipeline.yaml, report.yaml
     "pipeline.tasks": ListOf(Choice("tnews", "msra_ner", "cmrc2018"), nonempty=True),
     "pipeline.strategies": ListOf(Choice("none", "ptq", "dynabert", "dynabert_ptq")),

@@ -26,7 +26,7 @@ def test_every_option_of_every_group_composes_and_resolves(group):
 
 def test_pipeline_config_composes_with_the_quickstart_experiment():
     cfg = make_cfg([], config_name="pipeline")
-    assert cfg.model.name == "ernie-3.0-small"
+    assert cfg.model.name == "e5-small-zh-l2" and cfg.model.init == "package"
     assert list(cfg.pipeline.tasks) == ["tnews", "msra_ner", "cmrc2018"]
     for task in cfg.pipeline.tasks:  # each task gets its own budget from the quickstart table
         task_cfg = make_cfg([f"task={task}"], config_name="pipeline")

@@ -185,3 +185,32 @@ def test_altered_package_file_or_conversion_is_an_error_naming_the_fix(e5_cfg, t
     state.write_bytes(state.read_bytes()[:-10])
     with pytest.raises(MissingArtifactError, match=rf"model_state.pdparams is missing, truncated or altered.*delete {copy}"):
         weights.ensure_converted(model_cfg)
+
+
+def test_mean_pooled_classifier_ignores_padding_and_survives_save(e5_cfg, tmp_path):
+    """model.pooling=mean (e5's configs): the sentence vector averages real tokens only, so a title scores the same
+    alone and padded beside a longer one; the choice travels in the saved config."""
+    import paddle
+
+    from ernie_lab.modeling import build_model
+    from ernie_lab.tasks.heads import ErnieSequenceClassifier
+
+    weights.ensure_converted(e5_cfg.model)
+    assert e5_cfg.model.pooling == "mean"
+    cls = ErnieSequenceClassifier
+    model = build_model(e5_cfg.model, cls, {"num_labels": 3})
+    model.eval()
+    short, long = [1, 12, 13, 2], [1, 12, 13, 14, 15, 16, 2]
+    with paddle.no_grad():
+        alone = model(paddle.to_tensor([short])).numpy()
+        padded = model(paddle.to_tensor([short + [0] * 3, long])).numpy()
+        hidden = model.ernie(paddle.to_tensor([short]))[0]
+        by_hand = model.classifier(hidden.mean(axis=1)).numpy()
+    np.testing.assert_allclose(padded[0], alone[0], atol=1e-5)
+    np.testing.assert_allclose(alone, by_hand, atol=1e-5)
+    model.save_pretrained(str(tmp_path / "saved"))
+    again = cls.from_pretrained(str(tmp_path / "saved"))
+    again.eval()
+    assert again.config.pooling == "mean"
+    with paddle.no_grad():
+        np.testing.assert_allclose(again(paddle.to_tensor([short])).numpy(), alone, atol=1e-6)

@@ -94,9 +94,9 @@ class TnewsTask(Task):
         return {"labels": np.array([f["label"] for f in features], dtype=np.int64)}
 
     def model_class(self):
-        from paddlenlp.transformers import ErnieForSequenceClassification
+        from ernie_lab.tasks.heads import ErnieSequenceClassifier
 
-        return ErnieForSequenceClassification
+        return ErnieSequenceClassifier
 
     def head_config(self) -> dict:
         return {"num_labels": self.num_labels}
@@ -125,3 +125,5 @@ class TnewsTask(Task):
             "label_desc": self.label_descs[pred],
             "gold": self.label_ids[ex["label"]] if ex["label"] is not None else None,
         } for ex, pred in zip(examples, predictions)))
+
+
