@@ -76,8 +76,11 @@ def build_model(model_cfg: DictConfig, model_class, head: dict):
     check_choice("model.init", model_cfg.init, INITS)
     if model_cfg.init == "pretrained":
         model = model_class.from_pretrained(model_cfg.pretrained_name, **head)
-    elif model_cfg.init in ("checkpoint", "package"):
+    elif model_cfg.init == "checkpoint":
         model = model_class.from_pretrained(str(_checkpoint_dir(model_cfg)), **head)
+    elif model_cfg.init == "package":  # the conversion is shared by every setting that is not a weight
+        dropout = {k: model_cfg[k] for k in ("hidden_dropout_prob", "attention_probs_dropout_prob")}
+        model = model_class.from_pretrained(str(_checkpoint_dir(model_cfg)), **dropout, **head)
     else:
         model = model_class(ernie_config(model_cfg, **head))
     # read by the sequence classifier's forward (tasks/tnews.py) and saved with the fine-tuned config

@@ -1,8 +1,11 @@
 """Console output: progress bars and result tables (rich)."""
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import sys
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -36,3 +39,17 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) 
 
 def fmt(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+@contextlib.contextmanager
+def quiet_library(logger: str | None = None) -> Iterator[None]:
+    """Silence a library's own chatter around a call: what it prints on stdout (progress bars) and what its logger
+    (`None`: the root logger) says below ERROR about choices made here on purpose."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        log.setLevel(level)

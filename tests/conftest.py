@@ -87,3 +87,46 @@ class RecordingRun:
 
     def set_tags(self, tags):
         pass
+
+
+# A tiny TNEWS model trained and exported once per peer-engine test module (ONNX Runtime, OpenVINO).
+PEER_TINY = [
+    "model=tiny",
+    "task.data.limit.train=256",
+    "task.data.limit.eval=250",  # not a multiple of 32: the last batch is smaller
+    "task.data.heldout_size=64",
+    "task.train.epochs=6",
+    "task.train.batch_size=16",
+    "task.train.learning_rate=3e-3",
+    "quantize.batch_size=8",
+    "quantize.batch_nums=4",
+    "benchmark.warmup_batches=1",
+    "benchmark.warmup_seconds=0",
+    "benchmark.passes=1",
+]
+
+
+def peer_cfg(workdir: Path, *extra: str):
+    return make_cfg(isolated_overrides(workdir) + PEER_TINY + list(extra))
+
+
+def export_float(workdir: Path):
+    from ernie_lab.compression.strategy import compress
+
+    return run_stage(peer_cfg(workdir, "strategy=none"), "compress", compress)
+
+
+def train_and_export_float(workdir: Path) -> Path:
+    from ernie_lab import artifacts
+    from ernie_lab.training import finetune
+
+    run_stage(peer_cfg(workdir), "train", finetune)
+    export_float(workdir)
+    return artifacts.export_dir(peer_cfg(workdir), "none")
+
+
+def task_for(cfg):
+    from ernie_lab.modeling import build_tokenizer
+    from ernie_lab.tasks import build_task
+
+    return build_task(cfg.task, build_tokenizer(cfg.model))

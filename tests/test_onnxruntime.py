@@ -11,22 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from ernie_lab import artifacts
-from tests.conftest import isolated_overrides, make_cfg, run_script, run_stage
+from tests.conftest import PEER_TINY, export_float, peer_cfg, run_script, task_for, train_and_export_float
 
-TINY = [
-    "model=tiny",
-    "task.data.limit.train=256",
-    "task.data.limit.eval=250",  # not a multiple of 32: the last batch is smaller
-    "task.data.heldout_size=64",
-    "task.train.epochs=6",
-    "task.train.batch_size=16",
-    "task.train.learning_rate=3e-3",
-    "quantize.batch_size=8",
-    "quantize.batch_nums=4",
-    "benchmark.warmup_batches=1",
-    "benchmark.warmup_seconds=0",
-    "benchmark.passes=1",
-]
 ORT = ["runtime=onnxruntime"]
 
 
@@ -35,36 +21,15 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("onnxruntime")
 
 
-def cfg_for(workdir, *extra):
-    return make_cfg(isolated_overrides(workdir) + TINY + list(extra))
-
-
-def compress_none(workdir):
-    from ernie_lab.compression.strategy import compress
-
-    return run_stage(cfg_for(workdir, "strategy=none"), "compress", compress)
-
-
 @pytest.fixture(scope="module")
 def exported(workdir):
-    from ernie_lab.training import finetune
-
-    run_stage(cfg_for(workdir), "train", finetune)
-    compress_none(workdir)
-    return artifacts.export_dir(cfg_for(workdir), "none")
-
-
-def task_for(cfg):
-    from ernie_lab.modeling import build_tokenizer
-    from ernie_lab.tasks import build_task
-
-    return build_task(cfg.task, build_tokenizer(cfg.model))
+    return train_and_export_float(workdir)
 
 
 def onnx_model(workdir, export_dir, *extra, precision="int8"):
     from ernie_lab.inference.onnx_models import ensure_onnx_model
 
-    cfg = cfg_for(workdir, *ORT, f"precision={precision}", *extra)
+    cfg = peer_cfg(workdir, *ORT, f"precision={precision}", *extra)
     return ensure_onnx_model(cfg, task_for(cfg), export_dir)
 
 
@@ -79,7 +44,7 @@ def models(workdir, exported):
 
 @pytest.fixture(scope="module")
 def dev_feeds(workdir):
-    task = task_for(cfg_for(workdir))
+    task = task_for(peer_cfg(workdir))
     features = task.featurize(task.load("eval"), training=False)
     return [task.collate(features[i : i + 32]) for i in range(0, len(features), 32)]
 
@@ -98,8 +63,8 @@ def op_counts(model_dir):
 
 
 def test_onnx_fp32_matches_paddle_fp32(workdir, exported, models, dev_feeds):
-    paddle = logits(exported, cfg_for(workdir).runtime, "fp32", dev_feeds)
-    onnx = logits(models["fp32"], cfg_for(workdir, *ORT).runtime, "fp32", dev_feeds)
+    paddle = logits(exported, peer_cfg(workdir).runtime, "fp32", dev_feeds)
+    onnx = logits(models["fp32"], peer_cfg(workdir, *ORT).runtime, "fp32", dev_feeds)
     assert paddle.shape == onnx.shape == (250, 15)
     assert np.abs(paddle - onnx).max() < 1e-4
 
@@ -116,7 +81,7 @@ def test_weights_are_initializers_and_dynamic_int8_quantizes_the_matmuls(models)
 
 
 def test_int8_models_agree_with_fp32(workdir, models, dev_feeds):
-    runtime = cfg_for(workdir, *ORT).runtime
+    runtime = peer_cfg(workdir, *ORT).runtime
     ops = op_counts(models["int8-static"])
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
     reference = logits(models["fp32"], runtime, "fp32", dev_feeds).argmax(1)
@@ -129,10 +94,10 @@ def test_int8_on_onnxruntime_starts_from_the_float_export(workdir, exported):
     from ernie_lab.errors import ConfigError
     from ernie_lab.inference.benchmark import resolve_export
 
-    directory, manifest = resolve_export(cfg_for(workdir, *ORT, "precision=int8"))
+    directory, manifest = resolve_export(peer_cfg(workdir, *ORT, "precision=int8"))
     assert directory == exported and manifest["weights"] == "float"
     with pytest.raises(ConfigError, match="quantizes the float export itself"):
-        resolve_export(cfg_for(workdir, *ORT, "precision=int8", "strategy=ptq"))
+        resolve_export(peer_cfg(workdir, *ORT, "precision=int8", "strategy=ptq"))
 
 
 def test_backend_refuses_a_model_made_for_another_precision(workdir, models):
@@ -140,7 +105,7 @@ def test_backend_refuses_a_model_made_for_another_precision(workdir, models):
     from ernie_lab.inference.backends import create_backend
 
     with pytest.raises(MissingArtifactError, match="holds no int8 ONNX model"):
-        create_backend(models["fp32"], cfg_for(workdir, *ORT).runtime, "int8")
+        create_backend(models["fp32"], peer_cfg(workdir, *ORT).runtime, "int8")
 
 
 def test_onnx_cache_is_reused_and_rebuilt_when_the_export_changes(workdir, exported, models):
@@ -152,7 +117,7 @@ def test_onnx_cache_is_reused_and_rebuilt_when_the_export_changes(workdir, expor
     onnx_model(workdir, exported, "runtime.int8_mode=dynamic", "runtime.int8.per_channel=false")
     assert path.stat().st_mtime_ns != before
     before = path.stat().st_mtime_ns
-    compress_none(workdir)  # a fresh export of the same checkpoint
+    export_float(workdir)  # a fresh export of the same checkpoint
     onnx_model(workdir, exported, "runtime.int8_mode=dynamic", "runtime.int8.per_channel=false")
     assert path.stat().st_mtime_ns != before
     manifest = artifacts.read_json(models["int8-dynamic"] / artifacts.MANIFEST)
@@ -160,7 +125,7 @@ def test_onnx_cache_is_reused_and_rebuilt_when_the_export_changes(workdir, expor
 
 
 def test_bf16_on_onnxruntime_is_refused_in_one_line(workdir):
-    result = run_script("infer.py", *ORT, "precision=bf16", *TINY, tmp=workdir, timeout=120)
+    result = run_script("infer.py", *ORT, "precision=bf16", *PEER_TINY, tmp=workdir, timeout=120)
     assert result.returncode == 2
     errors = [line for line in result.stdout.splitlines() if "error" in line]
     assert len(errors) == 1 and "valid there: fp32, int8" in errors[0], result.stdout[-2000:]
@@ -169,9 +134,9 @@ def test_bf16_on_onnxruntime_is_refused_in_one_line(workdir):
 def test_infer_runs_static_int8_end_to_end(workdir, exported):
     from ernie_lab.tracking import find_runs
 
-    result = run_script("infer.py", *ORT, "precision=int8", "runtime.int8_mode=static", *TINY, tmp=workdir, timeout=300)
+    result = run_script("infer.py", *ORT, "precision=int8", "runtime.int8_mode=static", *PEER_TINY, tmp=workdir, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (run,) = find_runs(cfg_for(workdir).tracking, "tags.stage = 'infer' and tags.precision = 'int8'")
+    (run,) = find_runs(peer_cfg(workdir).tracking, "tags.stage = 'infer' and tags.precision = 'int8'")
     assert run.info.status == "FINISHED" and run.data.tags["runtime"] == "onnxruntime"
     assert run.data.metrics["perf/qps"] > 0 and 0 <= run.data.metrics["eval/accuracy"] <= 100
     assert run.data.params["export.dir"].endswith("onnx/none/int8-static")

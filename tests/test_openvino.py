@@ -12,22 +12,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from ernie_lab import artifacts
-from tests.conftest import isolated_overrides, make_cfg, run_script, run_stage
+from tests.conftest import (PEER_TINY, export_float, isolated_overrides, make_cfg, peer_cfg, run_script, run_stage, task_for,
+                            train_and_export_float)
 
-TINY = [
-    "model=tiny",
-    "task.data.limit.train=256",
-    "task.data.limit.eval=250",  # not a multiple of 32: the last batch is smaller
-    "task.data.heldout_size=64",
-    "task.train.epochs=6",
-    "task.train.batch_size=16",
-    "task.train.learning_rate=3e-3",
-    "quantize.batch_size=8",
-    "quantize.batch_nums=4",
-    "benchmark.warmup_batches=1",
-    "benchmark.warmup_seconds=0",
-    "benchmark.passes=1",
-]
 OV = ["runtime=openvino"]
 
 
@@ -36,36 +23,15 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("openvino")
 
 
-def cfg_for(workdir, *extra):
-    return make_cfg(isolated_overrides(workdir) + TINY + list(extra))
-
-
-def compress_none(workdir):
-    from ernie_lab.compression.strategy import compress
-
-    return run_stage(cfg_for(workdir, "strategy=none"), "compress", compress)
-
-
 @pytest.fixture(scope="module")
 def exported(workdir):
-    from ernie_lab.training import finetune
-
-    run_stage(cfg_for(workdir), "train", finetune)
-    compress_none(workdir)
-    return artifacts.export_dir(cfg_for(workdir), "none")
-
-
-def task_for(cfg):
-    from ernie_lab.modeling import build_tokenizer
-    from ernie_lab.tasks import build_task
-
-    return build_task(cfg.task, build_tokenizer(cfg.model))
+    return train_and_export_float(workdir)
 
 
 def ov_model(workdir, export_dir, *extra, precision="int8"):
     from ernie_lab.inference.openvino_engine import prepare_model
 
-    cfg = cfg_for(workdir, *OV, f"precision={precision}", *extra)
+    cfg = peer_cfg(workdir, *OV, f"precision={precision}", *extra)
     return prepare_model(cfg, task_for(cfg), export_dir)
 
 
@@ -76,7 +42,7 @@ def models(workdir, exported):
 
 @pytest.fixture(scope="module")
 def dev_feeds(workdir):
-    task = task_for(cfg_for(workdir))
+    task = task_for(peer_cfg(workdir))
     features = task.featurize(task.load("eval"), training=False)
     return [task.collate(features[i : i + 32]) for i in range(0, len(features), 32)]
 
@@ -95,8 +61,8 @@ def op_counts(model_dir):
 
 
 def test_openvino_fp32_matches_paddle_fp32(workdir, exported, models, dev_feeds):
-    paddle = logits(exported, cfg_for(workdir).runtime, "fp32", dev_feeds)
-    openvino = logits(models["fp32"], cfg_for(workdir, *OV).runtime, "fp32", dev_feeds)
+    paddle = logits(exported, peer_cfg(workdir).runtime, "fp32", dev_feeds)
+    openvino = logits(models["fp32"], peer_cfg(workdir, *OV).runtime, "fp32", dev_feeds)
     assert paddle.shape == openvino.shape == (250, 15)
     assert np.mean(paddle.argmax(1) == openvino.argmax(1)) >= 0.999
     assert np.abs(paddle - openvino).max() < 1e-3
@@ -114,7 +80,7 @@ def test_fp32_model_keeps_fp32_weights_and_int8_has_quantizers(models):
 
 
 def test_int8_agrees_with_fp32(workdir, models, dev_feeds):
-    runtime = cfg_for(workdir, *OV).runtime
+    runtime = peer_cfg(workdir, *OV).runtime
     reference = logits(models["fp32"], runtime, "fp32", dev_feeds).argmax(1)
     agreement = np.mean(logits(models["int8"], runtime, "int8", dev_feeds).argmax(1) == reference)
     assert agreement >= 0.9, agreement
@@ -124,14 +90,14 @@ def test_compile_properties_pin_precision_and_threads(workdir, tmp_path):
     from ernie_lab.errors import ConfigError
     from ernie_lab.inference.openvino_engine import compile_properties
 
-    runtime = cfg_for(workdir, *OV, "runtime.threads=3").runtime
+    runtime = peer_cfg(workdir, *OV, "runtime.threads=3").runtime
     props = compile_properties(runtime, "fp32", tmp_path)
     assert props["INFERENCE_PRECISION_HINT"] == "f32" and props["INFERENCE_NUM_THREADS"] == "3"
     assert props["NUM_STREAMS"] == "1" and props["CACHE_DIR"] == str(tmp_path)
     assert compile_properties(runtime, "int8", None)["INFERENCE_PRECISION_HINT"] == "f32"
     assert compile_properties(runtime, "bf16", None)["INFERENCE_PRECISION_HINT"] == "bf16"
     with pytest.raises(ConfigError, match="runtime.performance_hint='FAST' is not valid; choose one of: LATENCY, THROUGHPUT"):
-        compile_properties(cfg_for(workdir, *OV, "runtime.performance_hint=fast").runtime, "fp32", None)
+        compile_properties(peer_cfg(workdir, *OV, "runtime.performance_hint=fast").runtime, "fp32", None)
 
 
 def test_bf16_is_refused_without_bf16_instructions(workdir, monkeypatch):
@@ -140,9 +106,9 @@ def test_bf16_is_refused_without_bf16_instructions(workdir, monkeypatch):
 
     monkeypatch.setattr(rt, "cpu_flags", lambda: {"avx2": True, "avx512_bf16": False, "amx_bf16": False})
     with pytest.raises(ConfigError, match="precision=bf16 needs a CPU with AVX512-BF16 or AMX-BF16.*runtime=openvino"):
-        rt.check_precision(cfg_for(workdir, *OV).runtime, "bf16")
+        rt.check_precision(peer_cfg(workdir, *OV).runtime, "bf16")
     monkeypatch.setattr(rt, "cpu_flags", lambda: {"avx512_bf16": True, "amx_bf16": False})
-    rt.check_precision(cfg_for(workdir, *OV).runtime, "bf16")
+    rt.check_precision(peer_cfg(workdir, *OV).runtime, "bf16")
 
 
 def test_bad_settings_are_one_line_errors(workdir, exported):
@@ -159,7 +125,7 @@ def test_backend_refuses_a_model_made_for_another_precision(workdir, models):
     from ernie_lab.inference.backends import create_backend
 
     with pytest.raises(MissingArtifactError, match="holds no int8 OpenVINO model"):
-        create_backend(models["fp32"], cfg_for(workdir, *OV).runtime, "int8")
+        create_backend(models["fp32"], peer_cfg(workdir, *OV).runtime, "int8")
 
 
 def test_cache_is_reused_and_rebuilt_on_a_setting_a_version_or_a_new_export(workdir, exported, models, monkeypatch):
@@ -178,7 +144,7 @@ def test_cache_is_reused_and_rebuilt_on_a_setting_a_version_or_a_new_export(work
     monkeypatch.undo()
     fp32_xml = models["fp32"] / "model.xml"
     before = fp32_xml.stat().st_mtime_ns
-    compress_none(workdir)  # a fresh export of the same checkpoint
+    export_float(workdir)  # a fresh export of the same checkpoint
     ov_model(workdir, exported, precision="fp32")
     assert fp32_xml.stat().st_mtime_ns != before
     manifest = artifacts.read_json(models["fp32"] / artifacts.MANIFEST)
@@ -186,7 +152,7 @@ def test_cache_is_reused_and_rebuilt_on_a_setting_a_version_or_a_new_export(work
 
 
 def test_fp16_on_openvino_is_refused_in_one_line(workdir):
-    result = run_script("infer.py", *OV, "precision=fp16", *TINY, tmp=workdir, timeout=120)
+    result = run_script("infer.py", *OV, "precision=fp16", *PEER_TINY, tmp=workdir, timeout=120)
     assert result.returncode == 2
     errors = [line for line in result.stdout.splitlines() if "error" in line]
     assert len(errors) == 1 and "valid there: fp32, int8, bf16" in errors[0], result.stdout[-2000:]
@@ -195,9 +161,9 @@ def test_fp16_on_openvino_is_refused_in_one_line(workdir):
 def test_infer_runs_int8_end_to_end(workdir, exported):
     from ernie_lab.tracking import find_runs
 
-    result = run_script("infer.py", *OV, "precision=int8", *TINY, tmp=workdir, timeout=300)
+    result = run_script("infer.py", *OV, "precision=int8", *PEER_TINY, tmp=workdir, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (run,) = find_runs(cfg_for(workdir).tracking, "tags.stage = 'infer' and tags.precision = 'int8'")
+    (run,) = find_runs(peer_cfg(workdir).tracking, "tags.stage = 'infer' and tags.precision = 'int8'")
     tags, metrics = run.data.tags, run.data.metrics
     assert run.info.status == "FINISHED" and tags["runtime"] == "openvino" and tags["runtime_label"] == "openvino ptq"
     assert metrics["perf/qps"] > 0 and metrics["perf/qps_engine"] > 0 and metrics["time/engine_seconds"] > 0

@@ -208,6 +208,9 @@ def test_mean_pooled_classifier_ignores_padding_and_survives_save(e5_cfg, tmp_pa
         by_hand = model.classifier(hidden.mean(axis=1)).numpy()
     np.testing.assert_allclose(padded[0], alone[0], atol=1e-5)
     np.testing.assert_allclose(alone, by_hand, atol=1e-5)
+    # the shared conversion does not fix settings that are not weights: dropout comes from the model config
+    undropped = build_model(OmegaConf.merge(e5_cfg.model, {"hidden_dropout_prob": 0.0}), cls, {"num_labels": 3})
+    assert undropped.config.hidden_dropout_prob == 0.0 and model.config.hidden_dropout_prob == 0.1
     model.save_pretrained(str(tmp_path / "saved"))
     again = cls.from_pretrained(str(tmp_path / "saved"))
     again.eval()

@@ -10,11 +10,8 @@ Cached beside the exports, one directory per variant, rebuilt when the source ex
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +21,7 @@ from ernie_lab import artifacts
 from ernie_lab.artifacts import INPUT_NAMES, MODEL_FILE, PARAMS_FILE
 from ernie_lab.errors import ConfigError, MissingArtifactError, check_choice
 from ernie_lab.inference.batching import batches
-from ernie_lab.reporting import console
+from ernie_lab.reporting import console, quiet_library
 
 ONNX_FILE = "model.onnx"
 ENGINE = "onnxruntime"
@@ -221,7 +218,7 @@ def quantize(source_model: Path, out_dir: Path, settings: dict, feeds: list[dict
             batch = next(self.batches, None)
             return None if batch is None else {name: batch[name] for name in INPUT_NAMES}
 
-    with _quiet():
+    with quiet_library():
         if feeds:
             calibration = settings["calibration"]
             quantize_static(
@@ -233,20 +230,6 @@ def quantize(source_model: Path, out_dir: Path, settings: dict, feeds: list[dict
         else:
             quantize_dynamic(str(prepared), str(out_dir / ONNX_FILE), **common)
     prepared.unlink()
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The calibrators print progress with print(); the quantizers log warnings (on the root logger) about
-    choices made here on purpose."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)
 
 
 def activation_matmuls(model) -> list[str]:

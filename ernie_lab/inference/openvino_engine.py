@@ -10,9 +10,6 @@ a setting or the openvino/nncf version changes:
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import re
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ernie_lab import artifacts
 from ernie_lab.artifacts import INPUT_NAMES, MODEL_FILE, PARAMS_FILE
 from ernie_lab.errors import ConfigError, MissingArtifactError, check_choice
-from ernie_lab.reporting import console
+from ernie_lab.reporting import console, quiet_library
 
 ENGINE = "openvino"
 XML_FILE, BIN_FILE = "model.xml", "model.bin"
@@ -197,7 +194,7 @@ def quantize(fp32_xml: Path, out_dir: Path, settings: dict, feeds: Sequence[dict
         overflow_fix=getattr(OverflowFix, OVERFLOW_FIX[settings["overflow_fix"]]),
         smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=alpha),
     )
-    with _quiet():
+    with quiet_library("nncf"):
         quantized = nncf.quantize(
             model, dataset,
             preset=getattr(nncf.QuantizationPreset, PRESETS[settings["preset"]]),
@@ -208,19 +205,6 @@ def quantize(fp32_xml: Path, out_dir: Path, settings: dict, feeds: Sequence[dict
             advanced_parameters=advanced,
         )
     ov.save_model(quantized, str(out_dir / XML_FILE), compress_to_fp16=False)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """NNCF draws progress bars on stdout and logs INFO lines about its own choices."""
-    nncf_log = logging.getLogger("nncf")
-    level = nncf_log.level
-    nncf_log.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        nncf_log.setLevel(level)
 
 
 # ---- the backend --------------------------------------------------------------------------------------------------
