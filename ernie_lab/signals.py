@@ -36,6 +36,10 @@ class Stopped(SystemExit):
 
 
 _received: list[int] = []
+#: nesting depth of the wrapped native imports, and a stop that arrived during one: paddle's import code swallows
+#: exceptions (a bare `except:` in paddle.base.core), so the stop is raised once the outermost import is done
+_import_depth = 0
+_deferred: list[int] = []
 
 
 def received() -> str | None:
@@ -69,6 +73,9 @@ def _handle(signum: int, frame) -> None:
     timer = threading.Timer(GRACE_SECONDS, _hard_exit, args=(signum,))
     timer.daemon = True
     timer.start()
+    if _import_depth:
+        _deferred.append(signum)
+        return
     raise Stopped(signum)
 
 
@@ -107,10 +114,15 @@ class _ReinstallAfterNativeImports(importlib.abc.MetaPathFinder):
         original = loader.exec_module
 
         def exec_module(module):
+            global _import_depth
+            _import_depth += 1
             try:
                 original(module)
             finally:
+                _import_depth -= 1
                 install()
+            if _deferred and not _import_depth:
+                raise Stopped(_deferred.pop())
 
         loader.exec_module = exec_module
         return spec

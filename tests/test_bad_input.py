@@ -283,8 +283,9 @@ def test_int8_export_asked_for_fp32(tmp_path):
 
 
 def test_checkpoint_of_another_task(tmp_path):
-    from paddlenlp.transformers import ErnieForSequenceClassification, ErnieForTokenClassification
+    from paddlenlp.transformers import ErnieForTokenClassification
 
+    from ernie_lab.tasks.heads import ErnieSequenceClassifier
     from ernie_lab.training import finetune
 
     def cfg(task, *extra):
@@ -299,8 +300,8 @@ def test_checkpoint_of_another_task(tmp_path):
         load_finetuned(msra_ckpt, ErnieForTokenClassification)
     with pytest.raises(MissingArtifactError,
                        match=r"fine-tuned for task tnews, not for task msra_ner; run `python train.py task=msra_ner`"):
-        load_finetuned(msra_ckpt, ErnieForSequenceClassification, expected_task="msra_ner")
-    assert load_finetuned(msra_ckpt, ErnieForSequenceClassification, expected_task="tnews") is not None
+        load_finetuned(msra_ckpt, ErnieSequenceClassifier, expected_task="msra_ner")
+    assert load_finetuned(msra_ckpt, ErnieSequenceClassifier, expected_task="tnews") is not None
 
     result = run_script("compress.py", "model=tiny", "task=msra_ner", "strategy=none", tmp=tmp_path)
     assert_one_line_error(result, f"{msra_ckpt} holds a checkpoint fine-tuned for task tnews")

@@ -104,9 +104,17 @@ def assert_killed(code: int, output: str, runs: list, tmp: Path, signum: int) ->
     assert runs, output[-3000:]
     assert not [r for r in runs if r[1] == "RUNNING"], runs
     assert all(r[1] == "KILLED" for r in runs), runs
-    tags = dict(_rows(tmp / "mlflow.db", "select key, value from tags where key in ('stopped_at', 'error')"))
-    assert tags.get("error", "").startswith("Stopped: stopped by " + signal.Signals(signum).name), tags
-    assert "ernie_lab/" in tags.get("stopped_at", ""), tags
+    name = signal.Signals(signum).name
+    by_run: dict[str, dict] = {}
+    for run_id, key, value in _rows(tmp / "mlflow.db",
+                                    "select run_uuid, key, value from tags where key in ('stopped_at', 'error')"):
+        by_run.setdefault(run_id, {})[key] = value
+    assert by_run and all(f"stopped by {name}" in t.get("error", "") for t in by_run.values()), by_run
+    # the stage's own run (a sweep's parent says "sweep stopped by ..."), whatever order the store returns them in
+    stage = [t for t in by_run.values() if t["error"].startswith("Stopped: stopped by " + name)]
+    assert stage, by_run
+    tags = stage[0]
+    assert "ernie_lab/" in tags.get("stopped_at", ""), by_run
     print(f"{signal.Signals(signum).name}: stopped at {tags['stopped_at']}")
     return tags["stopped_at"]
 
