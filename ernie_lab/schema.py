@@ -142,7 +142,7 @@ PRECISIONS = ("fp32", "int8", "bf16", "fp16")
 
 
 def _train_rules(prefix: str) -> dict[str, Rule]:
-    """The optimisation keys shared by fine-tuning (train.*, task.train.*) and distillation (prune.train.*)."""
+    """The optimisation keys shared by fine-tuning (train.*) and distillation (prune.train.*)."""
     return {
         f"{prefix}.epochs": COUNT,
         f"{prefix}.batch_size": COUNT,
@@ -201,7 +201,6 @@ SCHEMA: dict[str, Rule] = {
     "task.data.heldout_size": COUNT,
     "task.data.heldout_seed": Int(0),
     "task.data.limit.*": COUNT_OR_NULL,
-    **_train_rules("task.train"),
     # strategy/, precision/
     "strategy.name": Str(nonempty=True),
     "strategy.steps": ListOf(Choice("prune", "export", "quantize"), nonempty=True),

@@ -101,7 +101,7 @@ def test_a_real_benchmark_run_logs_every_figure(tmp_path):
 
     cfg = make_cfg(isolated_overrides(tmp_path) + [
         "model=tiny", "task.data.limit.train=64", "task.data.limit.eval=320", "task.data.heldout_size=32",
-        "task.train.epochs=1", "task.train.batch_size=16", "benchmark.warmup_batches=2",
+        "train.epochs=1", "train.batch_size=16", "benchmark.warmup_batches=2",
         "benchmark.warmup_seconds=0.5", "benchmark.passes=3",
     ])
     runtime.prepare(cfg.runtime)

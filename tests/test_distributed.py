@@ -16,8 +16,8 @@ def test_two_processes_train_one_model_and_only_rank_0_records_it(tmp_path):
     cmd = [
         sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(tmp_path / "logs"),
         str(PROJECT_ROOT / "train.py"), "model=tiny", "task.data.limit.train=256", "task.data.limit.eval=64",
-        "task.data.heldout_size=64", "task.train.epochs=2", "task.train.batch_size=32",
-        "task.train.learning_rate=3e-3", "train.threads=1", *isolated_overrides(tmp_path),
+        "task.data.heldout_size=64", "train.epochs=2", "train.batch_size=32",
+        "train.learning_rate=3e-3", "train.threads=1", *isolated_overrides(tmp_path),
     ]
     env = {**os.environ, "ERNIE_LAB_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)

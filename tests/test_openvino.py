@@ -183,7 +183,7 @@ def test_span_head_converts_and_both_outputs_match_paddle(tmp_path):
 
     overrides = isolated_overrides(tmp_path) + [
         "model=tiny", "task=cmrc2018", "task.data.limit.train=64", "task.data.limit.eval=40", "task.data.heldout_size=32",
-        "task.selection_split=heldout", "task.train.epochs=1", "task.train.batch_size=16"]
+        "task.selection_split=heldout", "train.epochs=1", "train.batch_size=16"]
     cfg = make_cfg(overrides)
     run_stage(cfg, "train", finetune)
     run_stage(make_cfg(overrides + ["strategy=none"]), "compress", compress)

@@ -24,9 +24,9 @@ TINY = [
     "task.data.limit.train=64",
     "task.data.limit.eval=32",
     "task.data.heldout_size=96",
-    "task.train.epochs=1",
-    "task.train.batch_size=16",
-    "task.train.learning_rate=1e-4",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "train.learning_rate=1e-4",
     "quantize.batch_size=8",
 ]
 SEARCH = [

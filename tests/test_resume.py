@@ -17,7 +17,7 @@ from tests.conftest import RecordingRun, isolated_overrides, make_cfg
 # selection every 4 steps and at epoch ends. model=tiny has no dropout, so runs are deterministic.
 TINY = [
     "model=tiny", "task.data.limit.train=48", "task.data.limit.eval=16", "task.data.heldout_size=16",
-    "task.train.epochs=2", "task.train.batch_size=8", "task.train.learning_rate=3e-3",
+    "train.epochs=2", "train.batch_size=8", "train.learning_rate=3e-3",
     "train.log_every_steps=1", "train.eval_every_steps=4", "train.save_every_steps=3",
 ]
 
@@ -149,7 +149,7 @@ def test_a_state_from_other_settings_is_refused_or_ignored(tmp_path, capsys):
     assert training.find_train_state(state_dir, "auto", settings)["step"] == 3
     assert training.find_train_state(state_dir, False, settings) is None
 
-    other = training.resume_settings(cfg_in(tmp_path, "task.train.learning_rate=1e-4", "train.log_every_steps=7"))
+    other = training.resume_settings(cfg_in(tmp_path, "train.learning_rate=1e-4", "train.log_every_steps=7"))
     assert "train.log_every_steps" not in other  # settings that change nothing computed do not count
     with pytest.raises(ConfigError, match=r"train.learning_rate saved 0.003, now 0.0001"):
         training.find_train_state(state_dir, True, other)

@@ -16,7 +16,7 @@ SETTINGS = {
     "cmrc2018": ["task.max_seq_length=128", "task.data.limit.train=48", "task.data.limit.eval=40",
                  "task.data.limit.heldout=64", "task.selection_split=heldout"],
 }
-COMMON = ["model=tiny", "task.train.epochs=2", "task.train.batch_size=16", "task.train.learning_rate=3e-3",
+COMMON = ["model=tiny", "train.epochs=2", "train.batch_size=16", "train.learning_rate=3e-3",
           "quantize.batch_size=8", "quantize.batch_nums=2", "benchmark.warmup_batches=1"]
 
 

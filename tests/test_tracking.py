@@ -33,7 +33,7 @@ def test_multirun_records_the_failed_job_and_runs_the_others(tmp_path):
     nowhere = tmp_path / "nowhere"
     result = run_script(
         "train.py", "-m", "model=tiny", f"task.data.dir={nowhere},{DATA_DIR / 'tnews'}", "task.data.limit.train=64",
-        "task.data.limit.eval=32", "task.train.epochs=1", tmp=tmp_path, timeout=300,
+        "task.data.limit.eval=32", "train.epochs=1", tmp=tmp_path, timeout=300,
     )
     assert result.returncode != 0
     out = result.stdout + result.stderr
