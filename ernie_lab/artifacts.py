@@ -41,7 +41,16 @@ PROCESS_STARTED = time.time()
 
 def weights_kind(strategy: DictConfig) -> str:
     """`int8` if the strategy's export holds quantized weights, else `float`."""
-    return "int8" if "quantize" in strategy.steps else "float"
+    return "int8" if quantizes(strategy) else "float"
+
+
+def prunes(strategy: DictConfig) -> bool:
+    """Whether the strategy makes a narrower model (its export names then carry the width)."""
+    return "prune" in strategy.steps
+
+
+def quantizes(strategy: DictConfig) -> bool:
+    return "quantize" in strategy.steps
 
 
 def task_dir(cfg: DictConfig) -> Path:
@@ -55,7 +64,7 @@ def finetuned_dir(cfg: DictConfig) -> Path:
 def export_name(cfg: DictConfig, strategy: str) -> str:
     """The export's directory name. Pruned strategies carry the width (`dynabert-w0.67`), so several widths
     can exist side by side; `strategy` is the configured one or its INT8 counterpart, which is pruned alike."""
-    if "prune" in cfg.strategy.steps:
+    if prunes(cfg.strategy):
         return f"{strategy}-w{float(cfg.prune.width_mult):.2f}"
     return strategy
 

@@ -7,6 +7,7 @@ the seed's (rows: variants; columns: each task's QPS with the speedup over FP32,
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -15,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ernie_lab.cli import call_stage, check_config, command_errors, prepare_cli, prepare_runtime
 from ernie_lab.errors import ErnieLabError
-from ernie_lab.reporting import console
-from ernie_lab.results import write_report
+from ernie_lab.reporting import console, table
+from ernie_lab.results import time_rows, write_report
 from ernie_lab.tracking import close_failed, end_run, start_parent_run, tracked_run
 
 
@@ -62,9 +63,11 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, variants: li
     if skipped:
         parent.log_text("\n".join(skipped), "skipped_variants.txt")
     results, failures = [], []
+    minutes: dict[str, dict[str, float]] = {}  # task -> stage -> wall-clock minutes, failed stages included
 
     def stage(name: str, extra: list[str]):
         stage_cfg = _stage_config(user_overrides, extra)
+        started = time.perf_counter()
         try:
             with tracked_run(stage_cfg, name, parent_run_id=parent.run_id) as run:
                 return call_stage(name, stage_cfg, run)
@@ -74,6 +77,9 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, variants: li
             if not isinstance(exc, ErnieLabError):
                 console.print_exception(max_frames=8)
             return None
+        finally:
+            spent = minutes.setdefault(stage_cfg.task.name, {})
+            spent[name] = spent.get(name, 0.0) + (time.perf_counter() - started) / 60
 
     for task in p.tasks:
         if stage("train", [f"task={task}"]) is None:
@@ -85,8 +91,13 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, variants: li
             if result is not None:
                 results.append(result)
 
+    if minutes:
+        rows = time_rows(minutes)
+        console.print(table("Wall-clock minutes per task and stage", ["task", "train", "compress", "infer", "total"], rows))
+        parent.log_metrics({f"time/{task}_minutes": total for task, *_, total in rows if task != "all tasks"})
     if results:
-        results_file = write_report(results, cfg.model.name, Path(HydraConfig.get().runtime.output_dir), parent)
+        results_file = write_report(results, cfg.model.name, Path(HydraConfig.get().runtime.output_dir), parent,
+                                    minutes=minutes)
         console.print(f"table and Pareto charts written beside {results_file}")
     if failures:
         parent.log_text("\n".join(failures), "failed_stages.txt")

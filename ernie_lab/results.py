@@ -241,11 +241,29 @@ def pareto_chart(results: list[dict], task: str, model: str, path: Path) -> Path
     return path
 
 
-def write_report(results: list[dict], model: str, out_dir: Path, parent=None, budget: float = 0.5) -> Path:
+def time_rows(minutes: dict[str, dict[str, float]]) -> list[list]:
+    """[task, train, compress, infer, total] minutes (two decimals) per task, and an "all tasks" row."""
+    stages = ("train", "compress", "infer")
+    rows = [[task, *(round(spent.get(s, 0.0), 2) for s in stages), round(sum(spent.values()), 2)]
+            for task, spent in minutes.items()]
+    rows.append(["all tasks", *(round(sum(r[i] for r in rows), 2) for i in range(1, 5))])
+    return rows
+
+
+def time_section(minutes: dict[str, dict[str, float]]) -> str:
+    lines = ["| task | train | compress | infer | total |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in time_rows(minutes)]
+    return "\n## Wall-clock minutes per task and stage\n" + "\n".join(lines) + "\n"
+
+
+def write_report(results: list[dict], model: str, out_dir: Path, parent=None, budget: float = 0.5,
+                 minutes: dict[str, dict[str, float]] | None = None) -> Path:
     """results.md and one Pareto PNG per task into `out_dir`, also logged on `parent` (anything with a TrackedRun's
-    `log_text`/`log_artifact`)."""
+    `log_text`/`log_artifact`). `minutes` (task -> stage -> minutes) adds the main job's time table."""
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown = seed_table(results, model) + engine_comparison(results) + engine_ranking(results, model, budget)
+    if minutes:
+        markdown += time_section(minutes)
     (out_dir / "results.md").write_text(markdown, encoding="utf-8")
     charts = [pareto_chart(results, t, model, out_dir / f"pareto_{t}.png") for t in dict.fromkeys(r["task"] for r in results)]
     if parent is not None:

@@ -165,6 +165,7 @@ SCHEMA: dict[str, Rule] = {
     "train.resume": Rule(str, choices=("auto", True, False)),
     "train.threads": COUNT,
     "train.freeze_word_embeddings": Bool(),
+    "train.group_by_length": Bool(),
     # model/
     "model.name": Str(nonempty=True),
     "model.init": Choice("random", "pretrained", "checkpoint", "package"),

@@ -29,9 +29,15 @@ def test_pipeline_trains_compresses_benchmarks_and_writes_the_table(tmp_path):
     text = table.read_text()
     assert "tiny+FP32" in text and "tiny+INT8" in text and "TNEWS accuracy" in text
     assert "tiny+pruned(w0.67)+FP32" in text and "tiny+pruned(w0.67)+INT8" in text
+    # the time each stage took, per task, is in the report and on the parent run: nobody copies it by hand
+    (tnews_times,) = [line for line in text.splitlines() if line.startswith("| tnews |")]
+    train_min, compress_min, infer_min, total_min = (float(x) for x in tnews_times.strip("| ").split(" | ")[1:])
+    assert train_min > 0 and compress_min > 0 and infer_min > 0
+    assert abs(total_min - (train_min + compress_min + infer_min)) <= 0.02
     tracking = OmegaConf.create({"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "ernie-lab"})
     (parent,) = find_runs(tracking, "tags.stage = 'sweep'")
     assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["time/tnews_minutes"] == total_min
     children = find_runs(tracking, f"tags.sweep_id = '{parent.info.run_id}' and tags.stage != 'sweep'")
     stages = sorted(r.data.tags["stage"] for r in children)
     assert stages == ["compress"] * 4 + ["infer"] * 4 + ["train"]

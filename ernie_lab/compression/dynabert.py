@@ -221,76 +221,82 @@ def distillation_loss(student, teacher, token_mask, temperature: float):
 def train_width_adaptive(student, teacher, task, features: list[dict], prune: DictConfig, widths: list[float],
                          seed: int, run) -> dict:
     """Distil the teacher into every width of the student; one optimizer step per batch covers all widths."""
-    import paddle
-    import paddle.nn.functional as F
-    from paddlenlp.transformers import LinearDecayWithWarmup
-
-    from ernie_lab.training import as_tuple, to_tensors
+    from ernie_lab.training import build_optimizer, count_steps, loss_ends
 
     tc = prune.train
-    steps_per_epoch = math.ceil(len(features) / int(tc.batch_size))
-    total_steps = steps_per_epoch * int(tc.epochs)
-    if tc.max_steps is not None:
-        total_steps = min(total_steps, int(tc.max_steps))
+    _, total_steps = count_steps(len(features), tc)
     if total_steps < 1:
         raise ConfigError(f"prune.train gives no steps (epochs={tc.epochs}, max_steps={tc.max_steps})")
-    scheduler = LinearDecayWithWarmup(float(tc.learning_rate), total_steps, float(tc.warmup_proportion))
-    no_decay = {p.name for n, p in student.named_parameters() if "bias" in n or "norm" in n}
-    optimizer = paddle.optimizer.AdamW(
-        learning_rate=scheduler, parameters=student.parameters(), weight_decay=float(tc.weight_decay),
-        apply_decay_param_fun=lambda name: name not in no_decay,
-        grad_clip=paddle.nn.ClipGradByGlobalNorm(float(tc.max_grad_norm)) if tc.max_grad_norm else None,
-    )
-    masks, student_hidden, teacher_hidden = WidthMasks(student), HiddenStates(student), HiddenStates(teacher)
-    hidden_weight, temperature = float(prune.distill.hidden_weight), float(prune.distill.temperature)
-    pad_id = task.tokenizer.pad_token_id
+    optimizer, scheduler = build_optimizer(student, tc, total_steps)
+    distil = Distillation(student, teacher, task, prune.distill, widths)
     rng = np.random.default_rng(seed)
-    teacher.eval()
+    every = int(tc.log_every_steps)
     losses: list[float] = []
-    step = 0
     started = time.perf_counter()
     try:
         with progress() as bar:
             job = bar.add_task(f"distil widths {', '.join(width_label(w) for w in widths)}", total=total_steps, info="")
-            while step < total_steps:
+            while len(losses) < total_steps:
                 student.train()
                 order = rng.permutation(len(features))
                 for start in range(0, len(order), int(tc.batch_size)):
-                    chunk = [features[i] for i in order[start : start + int(tc.batch_size)]]
-                    batch = to_tensors(task.collate(chunk))
-                    token_mask = batch["input_ids"] != pad_id
-                    with paddle.no_grad():
-                        teacher_out = as_tuple(teacher(batch["input_ids"], token_type_ids=batch["token_type_ids"]))
-                        teacher_states = teacher_hidden.take()
-                    step_loss = 0.0
-                    for width in widths:
-                        with masks.at(width):
-                            out = as_tuple(student(batch["input_ids"], token_type_ids=batch["token_type_ids"]))
-                        loss = distillation_loss(out, teacher_out, token_mask, temperature)
-                        states = student_hidden.take()
-                        if hidden_weight:
-                            loss = loss + hidden_weight * sum(F.mse_loss(s, t) for s, t in zip(states, teacher_states))
-                        loss.backward()  # gradients of all widths add up before the one step
-                        step_loss += float(loss)
+                    losses.append(distil.step([features[i] for i in order[start : start + int(tc.batch_size)]]))
                     optimizer.step()
                     scheduler.step()
                     optimizer.clear_grad()
-                    step += 1
-                    losses.append(step_loss / len(widths))
-                    if step % int(tc.log_every_steps) == 0 or step == total_steps:
-                        recent = float(np.mean(losses[-int(tc.log_every_steps):]))
+                    step = len(losses)
+                    if step % every == 0 or step == total_steps:
+                        recent = float(np.mean(losses[-every:]))
                         run.log_metrics({"prune/distill_loss": recent, "prune/lr": scheduler.get_lr()}, step=step)
                         bar.update(job, info=f"loss {recent:.4f}")
                     bar.advance(job)
                     if step >= total_steps:
                         break
     finally:
-        masks.remove()
-        student_hidden.remove()
-        teacher_hidden.remove()
-    window = max(1, min(20, len(losses) // 5))
-    return {"steps": step, "seconds": time.perf_counter() - started,
-            "loss_first": float(np.mean(losses[:window])), "loss_last": float(np.mean(losses[-window:]))}
+        distil.remove_hooks()
+    first, last = loss_ends(losses)
+    return {"steps": len(losses), "seconds": time.perf_counter() - started, "loss_first": first, "loss_last": last}
+
+
+class Distillation:
+    """DynaBERT's loss for one batch: the teacher's outputs (soft cross-entropy) and, weighted, its hidden states
+    (MSE per layer), for every width of the student in turn."""
+
+    def __init__(self, student, teacher, task, distill: DictConfig, widths: list[float]):
+        self.student, self.teacher, self.task, self.widths = student, teacher, task, widths
+        self.masks, self.student_hidden = WidthMasks(student), HiddenStates(student)
+        self.teacher_hidden = HiddenStates(teacher)
+        self.hidden_weight, self.temperature = float(distill.hidden_weight), float(distill.temperature)
+        teacher.eval()
+
+    def step(self, chunk: list[dict]) -> float:
+        """Accumulate the gradients of every width on `chunk`; the mean loss over the widths."""
+        import paddle
+        import paddle.nn.functional as F
+
+        from ernie_lab.training import as_tuple, to_tensors
+
+        batch = to_tensors(self.task.collate(chunk))
+        token_mask = batch["input_ids"] != self.task.tokenizer.pad_token_id
+        with paddle.no_grad():
+            teacher_out = as_tuple(self.teacher(batch["input_ids"], token_type_ids=batch["token_type_ids"]))
+            teacher_states = self.teacher_hidden.take()
+        total = 0.0
+        for width in self.widths:
+            with self.masks.at(width):
+                out = as_tuple(self.student(batch["input_ids"], token_type_ids=batch["token_type_ids"]))
+            loss = distillation_loss(out, teacher_out, token_mask, self.temperature)
+            states = self.student_hidden.take()
+            if self.hidden_weight:
+                loss = loss + self.hidden_weight * sum(F.mse_loss(s, t) for s, t in zip(states, teacher_states))
+            loss.backward()  # gradients of all widths add up before the one step
+            total += float(loss)
+        return total / len(self.widths)
+
+    def remove_hooks(self) -> None:
+        self.masks.remove()
+        self.student_hidden.remove()
+        self.teacher_hidden.remove()
 
 
 def evaluate_widths(model, task, examples: list[dict], widths: list[float], batch_size: int) -> dict[str, dict]:
@@ -355,12 +361,10 @@ def settings_key(cfg: DictConfig, source_state: dict) -> str:
 def width_adaptive_model(cfg: DictConfig, task, source: Path, run) -> tuple[object, dict]:
     """The reordered, distilled full-width model: reused from disk when the same settings made it before
     (so dynabert and dynabert_ptq, or several widths, train once), otherwise built and saved atomically."""
-    import paddle
-
     from ernie_lab.modeling import load_finetuned
 
     prune = cfg.prune
-    widths = check_widths(prune)
+    check_widths(prune)  # a bad width fails before the reuse check
     source_state = artifacts.read_json(source / "training_state.json")
     key = settings_key(cfg, source_state)
     out_dir = artifacts.width_adaptive_dir(cfg)
@@ -370,6 +374,24 @@ def width_adaptive_model(cfg: DictConfig, task, source: Path, run) -> tuple[obje
         run.set_tags({"prune_reused": "true"})
         return load_finetuned(out_dir, task.model_class()), state
 
+    student, state = build_width_adaptive(cfg, task, source, run)
+    state.update(settings_key=key, source_checkpoint=str(source), source_created_at=source_state.get("created_at"))
+    with artifacts.atomic_dir(out_dir) as tmp:
+        student.save_pretrained(str(tmp))
+        task.tokenizer.save_pretrained(str(tmp))
+        artifacts.write_json_atomic(tmp / STATE_FILE, state)
+    return student, state
+
+
+def build_width_adaptive(cfg: DictConfig, task, source: Path, run) -> tuple[object, dict]:
+    """DynaBERT's three steps on the fine-tuned checkpoint at `source`: rank heads and neurons on held-out
+    examples, reorder, distil every width from the unchanged teacher; then score each width (logged, printed)."""
+    import paddle
+
+    from ernie_lab.modeling import load_finetuned
+
+    prune = cfg.prune
+    widths = check_widths(prune)
     paddle.seed(int(cfg.seed))
     teacher = load_finetuned(source, task.model_class(), expected_task=cfg.task.name)
     student = load_finetuned(source, task.model_class(), expected_task=cfg.task.name)
@@ -393,23 +415,6 @@ def width_adaptive_model(cfg: DictConfig, task, source: Path, run) -> tuple[obje
     eval_examples = heldout[n_importance : n_importance + int(prune.eval_samples)] or heldout[: int(prune.eval_samples)]
     scores = evaluate_widths(student, task, eval_examples, widths, int(cfg.benchmark.batch_size))
     teacher_scores = evaluate_widths(teacher, task, eval_examples, [1.0], int(cfg.benchmark.batch_size))[width_label(1.0)]
-    state = {
-        "settings_key": key,
-        "source_checkpoint": str(source),
-        "source_created_at": source_state.get("created_at"),
-        "train_widths": widths,
-        "training": training,
-        "heldout_eval_examples": len(eval_examples),
-        "heldout_scores": {"teacher": teacher_scores, **scores},
-        "head_importance": heads.round(6).tolist(),
-        "neuron_importance_sorted_top": [sorted(row, reverse=True)[:8] for row in neurons.round(6).tolist()],
-        "settings": OmegaConf.to_container(prune, resolve=True),
-        "created_at": artifacts.now_iso(),
-    }
-    with artifacts.atomic_dir(out_dir) as tmp:
-        student.save_pretrained(str(tmp))
-        task.tokenizer.save_pretrained(str(tmp))
-        artifacts.write_json_atomic(tmp / STATE_FILE, state)
     metric = task.primary_metric
     run.log_metrics({
         "prune/loss_first": training["loss_first"], "prune/loss_last": training["loss_last"],
@@ -420,7 +425,16 @@ def width_adaptive_model(cfg: DictConfig, task, source: Path, run) -> tuple[obje
         f"held-out {metric} by width ({len(eval_examples)} examples, dygraph)", ["model", metric],
         [("teacher (fine-tuned)", fmt(teacher_scores[metric]))] + [(label, fmt(s[metric])) for label, s in scores.items()],
     ))
-    return student, state
+    return student, {
+        "train_widths": widths,
+        "training": training,
+        "heldout_eval_examples": len(eval_examples),
+        "heldout_scores": {"teacher": teacher_scores, **scores},
+        "head_importance": heads.round(6).tolist(),
+        "neuron_importance_sorted_top": [sorted(row, reverse=True)[:8] for row in neurons.round(6).tolist()],
+        "settings": OmegaConf.to_container(prune, resolve=True),
+        "created_at": artifacts.now_iso(),
+    }
 
 
 def prune_step(cfg: DictConfig, task, source: Path, run) -> tuple[object, dict]:

@@ -8,7 +8,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ernie_lab import artifacts
-from ernie_lab.artifacts import weights_kind
+from ernie_lab.artifacts import prunes, quantizes, weights_kind
 from ernie_lab.compression.export import INPUT_NAMES, MODEL_FILE, PARAMS_FILE, export_static, max_abs_diff
 from ernie_lab.errors import ConfigError
 from ernie_lab.inference.batching import batches
@@ -24,10 +24,7 @@ EXPORT_CHECK_SAMPLES = 64
 def compress(cfg: DictConfig, run: TrackedRun) -> dict:
     from paddlenlp.transformers import ErnieTokenizer
 
-    steps = list(cfg.strategy.steps)
-    known = [s for s in steps if s in STEPS]
-    if known != steps or sorted(steps, key=STEPS.index) != steps or "export" not in steps or len(set(steps)) != len(steps):
-        raise ConfigError(f"strategy.steps={steps}: steps come from {', '.join(STEPS)}, in that order, export included")
+    check_steps(list(cfg.strategy.steps))
     source = artifacts.finetuned_dir(cfg)
     if not (source / "vocab.txt").is_file():
         raise artifacts.MissingArtifactError(
@@ -38,14 +35,48 @@ def compress(cfg: DictConfig, run: TrackedRun) -> dict:
     state = artifacts.read_json(source / "training_state.json")
     out_dir = artifacts.export_dir(cfg, cfg.strategy.name)
     pruning = None
-    if "prune" in steps:
+    if prunes(cfg.strategy):
         from ernie_lab.compression.dynabert import prune_step
 
         model, pruning = prune_step(cfg, task, source, run)
     else:
         model = load_finetuned(source, task.model_class(), expected_task=cfg.task.name)
     heldout = task.load("heldout")
-    manifest: dict = {
+    manifest = base_manifest(cfg, task, model, source, state, pruning)
+    with artifacts.atomic_dir(out_dir) as work:
+        float_dir = work / "float" if quantizes(cfg.strategy) else work
+        float_dir.mkdir(exist_ok=True)
+        console.print(f"[bold]export[/] {cfg.task.name}/{cfg.model.name} -> static model ({out_dir.name})")
+        export_static(model, float_dir)
+        manifest["export_check"] = check_export(model, task, float_dir, heldout[:EXPORT_CHECK_SAMPLES])
+        if quantizes(cfg.strategy):
+            manifest["calibration"] = quantize_step(cfg, task, heldout, float_dir, work, run, model)
+            shutil.rmtree(float_dir)
+        tokenizer.save_pretrained(str(work))  # the export carries its own vocabulary: infer needs nothing else
+        manifest["file_size_bytes"] = sum((work / f).stat().st_size for f in manifest["files"])
+        manifest["created_at"] = artifacts.now_iso()
+        artifacts.write_json_atomic(work / artifacts.MANIFEST, manifest)
+    run.log_dict(manifest, "manifest.json")
+    if pruning:
+        run.set_tags({"width_mult": f"{pruning['width_mult']:.2f}"})
+    run.log_metrics({
+        "export/file_size_mb": manifest["file_size_bytes"] / 2**20,
+        "export/parameters": manifest["parameters"],
+        "export/max_abs_diff_vs_dygraph": manifest["export_check"]["max_abs_diff"],
+    })
+    console.print(f"wrote {out_dir} ({manifest['file_size_bytes'] / 2**20:.1f} MiB, weights {manifest['weights']})")
+    return manifest
+
+
+def check_steps(steps: list[str]) -> None:
+    known = [s for s in steps if s in STEPS]
+    if known != steps or sorted(steps, key=STEPS.index) != steps or "export" not in steps or len(set(steps)) != len(steps):
+        raise ConfigError(f"strategy.steps={steps}: steps come from {', '.join(STEPS)}, in that order, export included")
+
+
+def base_manifest(cfg: DictConfig, task, model, source: Path, state: dict, pruning: dict | None) -> dict:
+    """What an export's manifest says before the export is written (checks, calibration and sizes come after)."""
+    return {
         "task": cfg.task.name,
         "model": cfg.model.name,
         "model_init": cfg.model.init,
@@ -63,29 +94,6 @@ def compress(cfg: DictConfig, run: TrackedRun) -> dict:
         "files": [MODEL_FILE, PARAMS_FILE],
         "library_versions": artifacts.library_versions(),
     }
-    with artifacts.atomic_dir(out_dir) as work:
-        float_dir = work / "float" if "quantize" in cfg.strategy.steps else work
-        float_dir.mkdir(exist_ok=True)
-        console.print(f"[bold]export[/] {cfg.task.name}/{cfg.model.name} -> static model ({out_dir.name})")
-        export_static(model, float_dir)
-        manifest["export_check"] = check_export(model, task, float_dir, heldout[:EXPORT_CHECK_SAMPLES])
-        if "quantize" in cfg.strategy.steps:
-            manifest["calibration"] = quantize_step(cfg, task, heldout, float_dir, work, run, model)
-            shutil.rmtree(float_dir)
-        tokenizer.save_pretrained(str(work))  # the export carries its own vocabulary: infer needs nothing else
-        manifest["file_size_bytes"] = sum((work / f).stat().st_size for f in manifest["files"])
-        manifest["created_at"] = artifacts.now_iso()
-        artifacts.write_json_atomic(work / artifacts.MANIFEST, manifest)
-    run.log_dict(manifest, "manifest.json")
-    if pruning:
-        run.set_tags({"width_mult": f"{pruning['width_mult']:.2f}"})
-    run.log_metrics({
-        "export/file_size_mb": manifest["file_size_bytes"] / 2**20,
-        "export/parameters": manifest["parameters"],
-        "export/max_abs_diff_vs_dygraph": manifest["export_check"]["max_abs_diff"],
-    })
-    console.print(f"wrote {out_dir} ({manifest['file_size_bytes'] / 2**20:.1f} MiB, weights {manifest['weights']})")
-    return manifest
 
 
 def check_export(model, task, model_dir: Path, examples: list[dict]) -> dict:

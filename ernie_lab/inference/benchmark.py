@@ -44,7 +44,7 @@ def resolve_export(cfg: DictConfig) -> tuple[Path, dict]:
         name = strategy.name
     directory = artifacts.export_dir(cfg, name)
     made_by = f"python compress.py task={cfg.task.name} model={cfg.model.name} strategy={name}"
-    if "prune" in strategy.steps:
+    if artifacts.prunes(strategy):
         made_by += f" prune.width_mult={cfg.prune.width_mult}"
     manifest = artifacts.read_manifest(directory, made_by)
     if manifest.get("task") != cfg.task.name or manifest.get("model") != cfg.model.name:
@@ -143,8 +143,9 @@ def infer(cfg: DictConfig, run: TrackedRun) -> dict:
     roof_metrics, roof_params = roofline.for_run(cfg, task, manifest, done["batch_shapes"], len(examples), n_features,
                                                  metrics["perf/qps_engine"])
     metrics.update(roof_metrics)
-    run.log_params(roof_params)
-    run.log_params({
+    engine_label = runtime_label(cfg.runtime.name, cfg.precision.name, cfg.runtime.get("int8_mode"))
+    _record(run, metrics, {
+        **roof_params,
         "data.eval_examples": len(examples),
         "data.eval_features": n_features,
         "data.eval_batches": result["batches"],
@@ -156,17 +157,19 @@ def infer(cfg: DictConfig, run: TrackedRun) -> dict:
         "export.strategy": manifest["strategy"],
         "export.parameters": manifest.get("parameters"),
         **{f"version.{k}": v for k, v in artifacts.library_versions().items()},
-    })
-    engine_label = runtime_label(cfg.runtime.name, cfg.precision.name, cfg.runtime.get("int8_mode"))
-    run.set_tags({"export_strategy": label, "primary_metric": task.primary_metric, "runtime_label": engine_label})
-    if "pruning" in manifest:
-        run.set_tags({"width_mult": f"{manifest['pruning']['width_mult']:.2f}"})
-    run.log_metrics(metrics)
-    console.print(table(
-        f"{cfg.task.name} · {cfg.model.name} · {label} · {cfg.precision.name}",
-        ["metric", "value"],
-        [(k, fmt(v)) for k, v in metrics.items() if k.startswith(("perf/qps", "perf/gflops", "perf/roofline", "perf/latency", "perf/peak", "time/", "eval/"))],
-    ))
+    }, {
+        "export_strategy": label, "primary_metric": task.primary_metric, "runtime_label": engine_label,
+        **({"width_mult": f"{manifest['pruning']['width_mult']:.2f}"} if "pruning" in manifest else {}),
+    }, title=f"{cfg.task.name} · {cfg.model.name} · {label} · {cfg.precision.name}")
     return {"task": cfg.task.name, "model": cfg.model.name, "strategy": label, "precision": cfg.precision.name,
             "device": cfg.runtime.device, "runtime_label": engine_label, "primary_metric": task.primary_metric,
             "predictions": str(path), **metrics}
+
+
+def _record(run: TrackedRun, metrics: dict, params: dict, tags: dict, title: str) -> None:
+    """Log one infer run (params, tags, metrics) and print its speed and score table."""
+    run.log_params(params)
+    run.set_tags(tags)
+    run.log_metrics(metrics)
+    shown = ("perf/qps", "perf/gflops", "perf/roofline", "perf/latency", "perf/peak", "time/", "eval/")
+    console.print(table(title, ["metric", "value"], [(k, fmt(v)) for k, v in metrics.items() if k.startswith(shown)]))

@@ -13,7 +13,6 @@ multiply-adds done in 8 bits) and `perf/roofline_pct` (that over the peak for it
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
