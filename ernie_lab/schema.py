@@ -227,7 +227,7 @@ SCHEMA: dict[str, Rule] = {
     "runtime.tensorrt.cache_dir": Str(nonempty=True),
     "runtime.quantizes_float_export": Bool(),
     "runtime.onnx.opset": Int(7, 21),
-    "runtime.int8_mode": Rule(str, choices={"onnxruntime": ("dynamic", "static"), "openvino": ("ptq",)},
+    "runtime.int8_mode": Rule(str, choices={"onnxruntime": ("dynamic", "static"), "openvino": ("ptq", "accuracy_control")},
                               choices_by="runtime.name"),
     "runtime.int8.per_channel": Bool(),
     "runtime.int8.reduce_range": Rule(str, choices=("auto", True, False)),
@@ -242,6 +242,9 @@ SCHEMA: dict[str, Rule] = {
     "runtime.int8.smooth_quant_alpha": Rule(float, -1, 1),
     "runtime.int8.overflow_fix": Choice("auto", "enable", "first_layer_only", "disable"),
     "runtime.int8.fast_bias_correction": Bool(),
+    "runtime.int8.accuracy_control.max_drop": Positive(),
+    "runtime.int8.accuracy_control.samples": COUNT,
+    "runtime.int8.accuracy_control.max_num_iterations": COUNT,
     "runtime.performance_hint": Choice("LATENCY", "THROUGHPUT"),
     "runtime.compiled_cache": Bool(),
     # benchmark/
@@ -291,7 +294,8 @@ SCHEMA: dict[str, Rule] = {
     "quickstart.*.learning_rate": Positive(),
     "quickstart.*.train_limit": COUNT,
     "quickstart.*.max_seq_length": Int(4, "model.max_position_embeddings"),
-    "quickstart.prune_steps.*": COUNT,
+    "quickstart.*.prune_steps": COUNT,
+    "quickstart.*.prune_eval_samples": COUNT,
     "quickstart.*.eval_limit": COUNT_OR_NULL,
     # pipeline.yaml, report.yaml
     "pipeline.tasks": ListOf(Choice("tnews", "msra_ner", "cmrc2018"), nonempty=True),

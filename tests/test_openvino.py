@@ -209,3 +209,34 @@ def ov_model_for(cfg, task, export_dir):
     from ernie_lab.inference.openvino_engine import prepare_model
 
     return prepare_model(cfg, task, export_dir, "fp32")
+
+
+def test_accuracy_control_keeps_the_heldout_metric_of_the_float_model(workdir, exported, models):
+    import openvino as ov
+
+    from ernie_lab.inference.openvino_engine import HeldoutValidation
+
+    # 32 held-out examples after the 32 calibration ones; max_drop 0.01 point: no example may flip
+    extra = ["runtime.int8_mode=accuracy_control", "runtime.int8.accuracy_control.samples=32",
+             "runtime.int8.accuracy_control.max_drop=0.01"]
+    model_dir = ov_model(workdir, exported, *extra)
+    assert model_dir.name == "int8-accuracy_control" and model_dir != models["int8"]
+    notes = artifacts.read_json(model_dir / artifacts.MANIFEST)["accuracy_control"]
+    cfg = peer_cfg(workdir, *OV, *extra)
+    validation = HeldoutValidation(cfg, task_for(cfg), skip=32)
+    assert len(validation.examples) == 32
+
+    def score(directory):
+        compiled = ov.Core().compile_model(str(directory / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return validation(compiled, validation.items)[0]
+
+    float_score, ptq_score, controlled = score(models["fp32"]), score(models["int8"]), score(model_dir)
+    assert notes["heldout_metric_float"] == pytest.approx(float_score)
+    assert notes["heldout_metric_int8"] == pytest.approx(controlled) and notes["heldout_examples"] == 32
+    assert controlled >= float_score - 0.01
+    quantizers = op_counts(model_dir)["FakeQuantize"]
+    assert quantizers == notes["fake_quantize_nodes"]
+    if ptq_score < float_score - 0.01:  # plain PTQ lost examples: some layers had to go back to float
+        assert quantizers < op_counts(models["int8"])["FakeQuantize"]
+    else:
+        assert quantizers == op_counts(models["int8"])["FakeQuantize"]

@@ -17,7 +17,7 @@ def test_pipeline_trains_compresses_benchmarks_and_writes_the_table(tmp_path):
         "model=tiny", "pipeline.tasks=[tnews]",
         "pipeline.variants=[[none,fp32],[none,int8],[dynabert,fp32],[dynabert,int8]]",
         "quickstart.tnews.max_steps=16", "quickstart.tnews.train_limit=256",
-        "quickstart.prune_steps.tnews=4", "prune.importance.samples=32", "prune.eval_samples=32",
+        "quickstart.tnews.prune_steps=4", "prune.importance.samples=32", "prune.eval_samples=32",
         "task.data.limit.eval=128", "task.data.limit.heldout=64", "benchmark.warmup_batches=1",
     ]
     result = subprocess.run(

@@ -403,8 +403,9 @@ def build_width_adaptive(cfg: DictConfig, task, source: Path, run) -> tuple[obje
             f"(task.data.heldout_size / task.data.limit.heldout)"
         )
     console.print(f"[bold]prune[/] importance of heads and neurons on {n_importance} held-out examples")
-    # training=True: importance needs the labels of the held-out examples
-    heads, neurons = importance(student, task, task.featurize(heldout[:n_importance], training=True),
+    # training=True: importance needs the labels of the held-out examples. At most n_importance features: a
+    # CMRC2018 question makes several windows, and each costs a backward pass.
+    heads, neurons = importance(student, task, task.featurize(heldout[:n_importance], training=True)[:n_importance],
                                 int(prune.importance.batch_size))
     reorder(student, heads, neurons)
 

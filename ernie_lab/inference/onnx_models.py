@@ -249,7 +249,7 @@ def calibration_feeds(cfg: DictConfig, task, same_width: bool) -> list[dict]:
             f"calibration wants {n} samples (quantize.batch_size*batch_nums) but the held-out slice "
             f"has {len(heldout)} (task.data.heldout_size)"
         )
-    features = task.featurize(heldout[:n], training=False)
+    features = task.featurize(heldout[:n], training=False)[:n]  # as ptq_search.calibrate: n features at most
     feeds = [task.collate(chunk) for chunk in batches(features, int(q.batch_size))]
     if same_width:
         width = max(f[INPUT_NAMES[0]].shape[1] for f in feeds)

@@ -7,6 +7,7 @@ a setting or the openvino/nncf version changes:
 
     <task dir>/openvino/<export name>/fp32/model.xml (+ .bin)      fp32 and bf16 (bf16 is a compile-time hint)
     <task dir>/openvino/<export name>/int8-ptq/model.xml (+ .bin)
+    <task dir>/openvino/<export name>/int8-accuracy_control/...   NNCF's accuracy-controlled quantization
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from ernie_lab.reporting import console, quiet_library
 
 ENGINE = "openvino"
 XML_FILE, BIN_FILE = "model.xml", "model.bin"
-INT8_MODES = ("ptq",)
+INT8_MODES = ("ptq", "accuracy_control")
 PRESETS = {"mixed": "MIXED", "performance": "PERFORMANCE"}
 MODEL_TYPES = {"transformer": "TRANSFORMER", None: None}
 OVERFLOW_FIX = {"auto": None, "enable": "ENABLE", "first_layer_only": "FIRST_LAYER", "disable": "DISABLE"}
@@ -105,9 +106,13 @@ def prepare_model(cfg: DictConfig, task, export_dir: Path, precision: str | None
     feeds = calibration_feeds(cfg, task, same_width=False)
     settings["calibration"] = {"examples": sum(len(f[INPUT_NAMES[0]]) for f in feeds), "batches": len(feeds),
                                "digest": feeds_digest(feeds)}
+    validation = None
+    if runtime.int8_mode == "accuracy_control":
+        validation = HeldoutValidation(cfg, task, skip=settings["calibration"]["examples"])
+        settings["accuracy_control"]["validation_examples"] = len(validation.examples)
     key = {**fp32_key, "variant": variant, "int8": settings}
     return _cached(model_dir_for(cfg, export_dir, variant), key,
-                   lambda out: quantize(fp32_dir / XML_FILE, out, settings, feeds))
+                   lambda out: quantize(fp32_dir / XML_FILE, out, settings, feeds, validation))
 
 
 def _cached(directory: Path, key: dict, build) -> Path:
@@ -176,10 +181,53 @@ def in_fetch_order(model):
 
 
 # ---- int8: NNCF post-training quantization ------------------------------------------------------------------
-def quantize(fp32_xml: Path, out_dir: Path, settings: dict, feeds: Sequence[dict]) -> None:
+class HeldoutValidation:
+    """The task metric on held-out examples (those after the calibration ones, never the eval split), as NNCF's
+    accuracy control measures a candidate model: one data item per example (all its features in one batch), so
+    that any subset of items NNCF picks still scores whole examples."""
+
+    def __init__(self, cfg: DictConfig, task, skip: int):
+        n = int(cfg.runtime.int8.accuracy_control.samples)
+        heldout = task.load("heldout")
+        self.examples = heldout[skip : skip + n]
+        if len(self.examples) < n:
+            raise ConfigError(
+                f"runtime.int8.accuracy_control.samples={n} but the held-out slice has {len(heldout)} examples, "
+                f"{skip} of them for calibration; lower it or raise task.data.heldout_size"
+            )
+        self.task = task
+        by_example: dict[int, list[dict]] = {}
+        for feature in task.featurize(self.examples, training=False):
+            by_example.setdefault(feature["example_index"], []).append(feature)
+        self.items = [(index, features) for index, features in sorted(by_example.items())]
+
+    def inputs(self, item) -> dict:
+        return {name: array for name, array in self.task.collate(item[1]).items() if name in INPUT_NAMES}
+
+    def __call__(self, compiled_model, items) -> tuple[float, None]:
+        """NNCF's validation_fn: the primary metric of the items' examples (None: NNCF ranks layers by outputs)."""
+        from ernie_lab.inference.batching import unbatch
+
+        examples, features, outputs = [], [], []
+        for index, item_features in items:
+            local = len(examples)
+            examples.append(self.examples[index])
+            result = compiled_model(self.inputs((index, item_features)))
+            arrays = [result[i] for i in range(len(compiled_model.outputs))]
+            outputs.extend(unbatch(item_features, arrays, self.task.per_token_outputs))
+            features.extend({**f, "example_index": local} for f in item_features)
+        predictions = self.task.postprocess(examples, features, outputs)
+        return float(self.task.metrics(examples, predictions)[self.task.primary_metric]), None
+
+
+def quantize(fp32_xml: Path, out_dir: Path, settings: dict, feeds: Sequence[dict],
+             validation: HeldoutValidation | None = None) -> dict:
+    """NNCF post-training quantization of the fp32 IR; with `validation`, accuracy-controlled: the layers that
+    cost most are reverted to float until the held-out metric is within `max_drop` points of the float model's."""
     import nncf
     import openvino as ov
     from nncf.quantization.advanced_parameters import (
+        AdvancedAccuracyRestorerParameters,
         AdvancedQuantizationParameters,
         AdvancedSmoothQuantParameters,
         OverflowFix,
@@ -194,17 +242,41 @@ def quantize(fp32_xml: Path, out_dir: Path, settings: dict, feeds: Sequence[dict
         overflow_fix=getattr(OverflowFix, OVERFLOW_FIX[settings["overflow_fix"]]),
         smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=alpha),
     )
+    common = dict(
+        preset=getattr(nncf.QuantizationPreset, PRESETS[settings["preset"]]),
+        model_type=getattr(nncf.ModelType, model_type) if model_type else None,
+        target_device=nncf.TargetDevice.CPU,
+        subset_size=len(feeds),
+        fast_bias_correction=bool(settings["fast_bias_correction"]),
+    )
+    notes: dict = {}
     with quiet_library("nncf"):
-        quantized = nncf.quantize(
-            model, dataset,
-            preset=getattr(nncf.QuantizationPreset, PRESETS[settings["preset"]]),
-            model_type=getattr(nncf.ModelType, model_type) if model_type else None,
-            target_device=nncf.TargetDevice.CPU,
-            subset_size=len(feeds),
-            fast_bias_correction=bool(settings["fast_bias_correction"]),
-            advanced_parameters=advanced,
-        )
+        if validation is None:
+            quantized = nncf.quantize(model, dataset, advanced_parameters=advanced, **common)
+        else:
+            control = settings["accuracy_control"]
+            quantized = nncf.quantize_with_accuracy_control(
+                model, dataset, nncf.Dataset(validation.items, validation.inputs), validation,
+                max_drop=float(control["max_drop"]), drop_type=nncf.DropType.ABSOLUTE,
+                advanced_quantization_parameters=advanced,
+                advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+                    max_num_iterations=int(control["max_num_iterations"])),
+                **common,
+            )
+            core, f32 = ov.Core(), {"INFERENCE_PRECISION_HINT": "f32"}
+            notes["accuracy_control"] = {
+                "heldout_examples": len(validation.examples),
+                "heldout_metric_float": validation(core.compile_model(model, "CPU", f32), validation.items)[0],
+                "heldout_metric_int8": validation(core.compile_model(quantized, "CPU", f32), validation.items)[0],
+                "fake_quantize_nodes": _fake_quantize_count(quantized),
+            }
     ov.save_model(quantized, str(out_dir / XML_FILE), compress_to_fp16=False)
+    return notes
+
+
+def _fake_quantize_count(model) -> int:
+    """FakeQuantize nodes in the model: accuracy control reverts layers to float by removing theirs."""
+    return sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
 
 
 # ---- the backend --------------------------------------------------------------------------------------------------
