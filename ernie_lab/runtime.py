@@ -229,3 +229,13 @@ def prepare(runtime: DictConfig, precision: str | None = None, threads: int | No
     paddle.set_device(f"gpu:{runtime.gpu_id}")
     # `threads` still sizes the host side (tokenization, ops Paddle keeps on the CPU).
     return {"threads": threads, "flush_denormals": flushed, **cpu_flags(), **gpu_info(runtime)}
+
+
+# CPU flags with which u8s8 integer kernels cannot saturate (ONNX Runtime docs, "Data type selection"): without
+# them ONNX Runtime and NNCF store 7-bit weights.
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def has_vnni() -> bool:
+    flags = set(_cpuinfo_field("flags").split())
+    return any(f in flags for f in VNNI_FLAGS)

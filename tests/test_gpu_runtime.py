@@ -11,7 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from ernie_lab.errors import ConfigError
-from ernie_lab.inference import backends
+from ernie_lab.inference import paddle_engine
+from ernie_lab.inference.backends import create_backend
 from ernie_lab.runtime import check_precision
 from tests.conftest import isolated_overrides, make_cfg, run_script
 
@@ -71,8 +72,8 @@ def fake_export(tmp_path):
     """Just the two files whose size and mtime key the engine cache (their content is never read here)."""
     model_dir = tmp_path / "tiny" / "random" / "tnews" / "export" / "ptq"
     model_dir.mkdir(parents=True)
-    (model_dir / backends.MODEL_FILE).write_bytes(b"program")
-    (model_dir / backends.PARAMS_FILE).write_bytes(b"weights")
+    (model_dir / paddle_engine.MODEL_FILE).write_bytes(b"program")
+    (model_dir / paddle_engine.PARAMS_FILE).write_bytes(b"weights")
     return model_dir
 
 
@@ -83,7 +84,7 @@ def gpu_runtime(tmp_path, *overrides):
 @pytest.mark.parametrize("precision, mode", [("fp32", "Float32"), ("fp16", "Half"), ("int8", "Int8")])
 def test_tensorrt_plan_per_precision(tmp_path, fake_export, precision, mode):
     runtime = gpu_runtime(tmp_path, "runtime.tensorrt.workspace_mb=512", "runtime.gpu_id=1")
-    plan = backends.gpu_plan(fake_export, runtime, precision, max_batch_size=32, device_tag="H100|8.6.1|2.6.2")
+    plan = paddle_engine.gpu_plan(fake_export, runtime, precision, max_batch_size=32, device_tag="H100|8.6.1|2.6.2")
     trt = plan["tensorrt"]
     assert plan["gpu_id"] == 1 and plan["gpu_memory_mb"] == 1024 and plan["gpu_precision"] == "Float32"
     assert trt["precision_mode"] == mode and trt["max_batch_size"] == 32 and trt["min_subgraph_size"] == 5
@@ -99,29 +100,29 @@ def test_engine_cache_is_unique_per_model_precision_device_and_export(tmp_path, 
     runtime = gpu_runtime(tmp_path)
 
     def cache(model_dir=fake_export, precision="fp16", device="A"):
-        return backends.gpu_plan(model_dir, runtime, precision, 32, device)["tensorrt"]["cache_dir"]
+        return paddle_engine.gpu_plan(model_dir, runtime, precision, 32, device)["tensorrt"]["cache_dir"]
 
     other = fake_export.parent / "none"
     other.mkdir()
-    for name in (backends.MODEL_FILE, backends.PARAMS_FILE):
+    for name in (paddle_engine.MODEL_FILE, paddle_engine.PARAMS_FILE):
         (other / name).write_bytes((fake_export / name).read_bytes())
     first = cache()
     assert first == cache()
     assert len({first, cache(precision="int8"), cache(device="B"), cache(model_dir=other)}) == 4
-    (fake_export / backends.PARAMS_FILE).write_bytes(b"re-exported weights")  # Paddle would reuse a stale engine
+    (fake_export / paddle_engine.PARAMS_FILE).write_bytes(b"re-exported weights")  # Paddle would reuse a stale engine
     assert cache() != first
 
 
 def test_without_tensorrt_fp16_uses_paddles_gpu_half_and_int8_is_refused(tmp_path, fake_export):
     runtime = gpu_runtime(tmp_path, "runtime.tensorrt.enabled=false")
-    assert backends.gpu_plan(fake_export, runtime, "fp16", 32) == {
+    assert paddle_engine.gpu_plan(fake_export, runtime, "fp16", 32) == {
         "gpu_id": 0, "gpu_memory_mb": 1024, "gpu_precision": "Half", "tensorrt": None,
     }
-    assert backends.gpu_plan(fake_export, runtime, "fp32", 32)["gpu_precision"] == "Float32"
+    assert paddle_engine.gpu_plan(fake_export, runtime, "fp32", 32)["gpu_precision"] == "Float32"
     with pytest.raises(ConfigError, match="int8.*tensorrt.enabled=true"):
-        backends.gpu_plan(fake_export, runtime, "int8", 32)
+        paddle_engine.gpu_plan(fake_export, runtime, "int8", 32)
     with pytest.raises(ConfigError, match="bf16.*fp32, fp16, int8"):
-        backends.gpu_plan(fake_export, runtime, "bf16", 32)
+        paddle_engine.gpu_plan(fake_export, runtime, "bf16", 32)
 
 
 class RecordingConfig:
@@ -137,9 +138,9 @@ class RecordingConfig:
 def test_plan_becomes_these_paddle_calls(tmp_path, fake_export):
     from paddle.inference import PrecisionType
 
-    plan = backends.gpu_plan(fake_export, gpu_runtime(tmp_path), "int8", 32, "A")
+    plan = paddle_engine.gpu_plan(fake_export, gpu_runtime(tmp_path), "int8", 32, "A")
     config = RecordingConfig()
-    backends._configure_gpu(config, plan)
+    paddle_engine._configure_gpu(config, plan)
     calls = {method: (args, kwargs) for method, args, kwargs in config.calls}
     assert calls["enable_use_gpu"][0] == (1024, 0, PrecisionType.Float32)
     assert calls["enable_tensorrt_engine"][1] == {
@@ -150,8 +151,8 @@ def test_plan_becomes_these_paddle_calls(tmp_path, fake_export):
     assert calls["enable_tuned_tensorrt_dynamic_shape"][0] == (plan["tensorrt"]["shape_file"], True)
 
     config = RecordingConfig()
-    no_trt = backends.gpu_plan(fake_export, gpu_runtime(tmp_path, "runtime.tensorrt.enabled=false"), "fp16", 32)
-    backends._configure_gpu(config, no_trt)
+    no_trt = paddle_engine.gpu_plan(fake_export, gpu_runtime(tmp_path, "runtime.tensorrt.enabled=false"), "fp16", 32)
+    paddle_engine._configure_gpu(config, no_trt)
     assert config.calls == [("enable_use_gpu", (1024, 0, PrecisionType.Half), {})]
 
 
@@ -182,37 +183,37 @@ def test_collected_shape_file_holds_the_real_batch_and_sequence_ranges(tmp_path,
     seq_lens = [b["input_ids"].shape[1] for b in batches]
     assert len(set(seq_lens)) > 1, "the batches should differ in length for this test to mean anything"
     shape_file = tmp_path / "shapes.pbtxt"
-    backends.collect_shape_ranges(model_dir, batches, shape_file, gpu=None)
-    recorded = backends.read_shape_ranges(shape_file)
+    paddle_engine.collect_shape_ranges(model_dir, batches, shape_file, gpu=None)
+    recorded = paddle_engine.read_shape_ranges(shape_file)
     for name in ("input_ids", "token_type_ids"):
         assert recorded[name] == ([8, min(seq_lens)], [32, max(seq_lens)])
-    assert backends.batch_shape_ranges(batches)["input_ids"] == recorded["input_ids"]
+    assert paddle_engine.batch_shape_ranges(batches)["input_ids"] == recorded["input_ids"]
     assert len(recorded) > 50  # every intermediate tensor too, which is what TensorRT's subgraphs need
 
 
 def test_shape_file_is_reused_when_it_covers_the_batches_and_recollected_when_not(tmp_path, tiny_export):
     model_dir, batches = tiny_export
     runtime = gpu_runtime(tmp_path)
-    trt = backends.gpu_plan(model_dir, runtime, "fp16", 32, "A")["tensorrt"]
+    trt = paddle_engine.gpu_plan(model_dir, runtime, "fp16", 32, "A")["tensorrt"]
     shape_file = Path(trt["shape_file"])
-    assert backends.ensure_shape_file(model_dir, trt, batches, gpu=None) is False
+    assert paddle_engine.ensure_shape_file(model_dir, trt, batches, gpu=None) is False
     engine = Path(trt["cache_dir"]) / "_opt_cache" / "engine"  # stands in for a serialized engine
     engine.parent.mkdir()
     engine.write_bytes(b"built for the recorded ranges")
 
-    assert backends.ensure_shape_file(model_dir, trt, batches[1:3], gpu=None) is True
+    assert paddle_engine.ensure_shape_file(model_dir, trt, batches[1:3], gpu=None) is True
     assert engine.exists()
 
     longer = {name: np.pad(a, ((0, 0), (0, 7))) for name, a in batches[0].items()}
     max_len = longer["input_ids"].shape[1]
-    assert max_len > backends.read_shape_ranges(shape_file)["input_ids"][1][1]
-    assert backends.ensure_shape_file(model_dir, trt, [longer, *batches], gpu=None) is False
+    assert max_len > paddle_engine.read_shape_ranges(shape_file)["input_ids"][1][1]
+    assert paddle_engine.ensure_shape_file(model_dir, trt, [longer, *batches], gpu=None) is False
     assert not engine.exists()  # an engine built for the old ranges must not be reused
-    assert backends.read_shape_ranges(shape_file)["input_ids"][1] == [32, max_len]
+    assert paddle_engine.read_shape_ranges(shape_file)["input_ids"][1] == [32, max_len]
 
 
 def test_cpu_backend_takes_the_sample_batches_and_ignores_them(tiny_export):
     model_dir, batches = tiny_export
-    backend = backends.create_backend(model_dir, make_cfg(["model=tiny"]).runtime, "fp32", batches)
+    backend = create_backend(model_dir, make_cfg(["model=tiny"]).runtime, "fp32", batches)
     (logits,) = backend.run(batches[-1])
     assert logits.shape == (8, 15)

@@ -27,7 +27,7 @@ def exported(workdir):
 
 
 def onnx_model(workdir, export_dir, *extra, precision="int8"):
-    from ernie_lab.inference.onnx_models import ensure_onnx_model
+    from ernie_lab.inference.onnxruntime_engine import ensure_onnx_model
 
     cfg = peer_cfg(workdir, *ORT, f"precision={precision}", *extra)
     return ensure_onnx_model(cfg, task_for(cfg), export_dir)

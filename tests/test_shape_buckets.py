@@ -56,7 +56,7 @@ class RecordingConfig:
 
 def test_onednn_cache_capacity_reaches_paddle():
     from ernie_lab.errors import ConfigError
-    from ernie_lab.inference.backends import PaddleInferenceBackend
+    from ernie_lab.inference.paddle_engine import PaddleInferenceBackend
 
     runtime = OmegaConf.create({"threads": 2, "onednn": True, "int8_ops": ["fc"], "onednn_cache_capacity": 16})
     config = RecordingConfig()

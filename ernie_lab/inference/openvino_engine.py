@@ -77,7 +77,7 @@ def source_stamp(export_dir: Path) -> dict:
 
 def int8_settings(runtime: DictConfig) -> dict:
     """`runtime.int8` with every choice checked and `overflow_fix: auto` decided for this CPU."""
-    from ernie_lab.inference.onnx_models import has_vnni
+    from ernie_lab.runtime import has_vnni
 
     q = OmegaConf.to_container(runtime.int8, resolve=True)
     check_choice("runtime.int8.preset", q["preset"], PRESETS)
@@ -94,7 +94,7 @@ def int8_settings(runtime: DictConfig) -> dict:
 def prepare_model(cfg: DictConfig, task, export_dir: Path, precision: str | None = None) -> Path:
     """The variant's directory for `precision` (default cfg.precision), converted (and for int8 quantized) from
     the float export in `export_dir` unless a cached one was made from the same export with the same settings."""
-    from ernie_lab.inference.onnx_models import calibration_feeds, feeds_digest
+    from ernie_lab.inference.calibration import calibration_feeds, feeds_digest
 
     runtime = cfg.runtime
     variant = variant_name(runtime, precision or cfg.precision.name)

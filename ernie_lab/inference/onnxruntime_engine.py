@@ -1,5 +1,5 @@
-"""The models runtime=onnxruntime runs: a float Paddle export converted to ONNX (paddle2onnx), and INT8 models
-made from it by ONNX Runtime's own tools, dynamic (`quantize_dynamic`) or static QDQ (`quantize_static`,
+"""runtime=onnxruntime: the backend, and the models it runs: a float Paddle export converted to ONNX (paddle2onnx),
+and INT8 models made from it by ONNX Runtime's own tools, dynamic (`quantize_dynamic`) or static QDQ (`quantize_static`,
 calibrated on the held-out slice of train, as Paddle PTQ is).
 
 Cached beside the exports, one directory per variant, rebuilt when the source export or a setting changes:
@@ -10,9 +10,8 @@ Cached beside the exports, one directory per variant, rebuilt when the source ex
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -20,17 +19,17 @@ from omegaconf import DictConfig, OmegaConf
 from ernie_lab import artifacts
 from ernie_lab.artifacts import INPUT_NAMES, MODEL_FILE, PARAMS_FILE
 from ernie_lab.errors import ConfigError, MissingArtifactError, check_choice
-from ernie_lab.inference.batching import batches
+from ernie_lab.inference.calibration import calibration_feeds, feeds_digest
 from ernie_lab.reporting import console, quiet_library
+from ernie_lab.runtime import has_vnni
 
 ONNX_FILE = "model.onnx"
+Batch = dict[str, np.ndarray]
 ENGINE = "onnxruntime"
 INT8_MODES = ("dynamic", "static")
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 QUANT_TYPES = {"int8": "QInt8", "uint8": "QUInt8"}
 REDUCE_RANGE = ("auto", True, False)
-# CPU flags with which the u8s8 integer kernels cannot saturate (ONNX Runtime docs, "Data type selection").
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 def uses_onnxruntime(runtime: DictConfig) -> bool:
@@ -115,13 +114,6 @@ def int8_settings(runtime: DictConfig) -> dict:
         # (per-channel u8s8 on an AVX2 EPYC: 13% relative error in a 768x3072 MatMul, 2% with 7-bit weights).
         q["reduce_range"] = not has_vnni()
     return q
-
-
-def has_vnni() -> bool:
-    from ernie_lab.runtime import _cpuinfo_field
-
-    flags = set(_cpuinfo_field("flags").split())
-    return any(f in flags for f in VNNI_FLAGS)
 
 
 def _cached(directory: Path, key: dict, build) -> Path:
@@ -238,31 +230,54 @@ def activation_matmuls(model) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not weights & set(n.input)]
 
 
-def calibration_feeds(cfg: DictConfig, task, same_width: bool) -> list[dict]:
-    """Collated batches of the first quantize.batch_size*batch_nums held-out examples, as Paddle PTQ takes
-    them. `same_width`: pad every batch to the longest (ORT's histogram calibrators stack all batches)."""
-    q = cfg.quantize
-    n = int(q.batch_size) * int(q.batch_nums)
-    heldout = task.load("heldout")
-    if len(heldout) < n:
-        raise ConfigError(
-            f"calibration wants {n} samples (quantize.batch_size*batch_nums) but the held-out slice "
-            f"has {len(heldout)} (task.data.heldout_size)"
-        )
-    features = task.featurize(heldout[:n], training=False)[:n]  # as ptq_search.calibrate: n features at most
-    feeds = [task.collate(chunk) for chunk in batches(features, int(q.batch_size))]
-    if same_width:
-        width = max(f[INPUT_NAMES[0]].shape[1] for f in feeds)
-        pads = {INPUT_NAMES[0]: task.tokenizer.pad_token_id, INPUT_NAMES[1]: 0}
-        feeds = [{k: np.pad(v, ((0, 0), (0, width - v.shape[1])), constant_values=pads.get(k, 0)) for k, v in f.items()}
-                 for f in feeds]
-    return feeds
+# ---- the backend --------------------------------------------------------------------------------------------------
+class OnnxRuntimeBackend:
+    """ONNX Runtime on CPU, the peer baseline: `model_dir` is the directory `ensure_onnx_model` made
+    for the precision (fp32, or INT8 from ORT's dynamic or static quantization), run with every graph
+    optimization on."""
 
+    def __init__(self, model_dir: Path, runtime: DictConfig, precision: str, sample_batches: Sequence[Batch] = ()):
+        import onnxruntime as ort
 
-def feeds_digest(feeds: list[dict]) -> str:
-    digest = hashlib.sha256()
-    for feed in feeds:
-        for name in INPUT_NAMES:
-            digest.update(json.dumps(feed[name].shape).encode())
-            digest.update(np.ascontiguousarray(feed[name]).tobytes())
-    return digest.hexdigest()[:16]
+        built_for = artifacts.read_json(model_dir / artifacts.MANIFEST).get("precision")
+        if not (model_dir / ONNX_FILE).is_file() or built_for != precision:
+            # A float model timed as precision=int8 (or the reverse) would be a mislabelled row.
+            raise MissingArtifactError(f"{model_dir} holds no {precision} ONNX model (manifest says {built_for!r}); "
+                              "infer.py makes it with runtime=onnxruntime")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # One batch at a time: all threads inside each op (intra), none across ops.
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = int(runtime.threads)
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        if runtime.get("flush_denormals"):
+            # ORT's own switch for its pool threads, as runtime.prepare does for the main thread.
+            options.add_session_config_entry("session.set_denormal_as_zero", "1")
+        self.session = ort.InferenceSession(str(model_dir / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+        # An IO binding splits a run into feed / execute / fetch as the benchmark times them; inputs are bound
+        # without a copy. Graph outputs keep the Paddle export's fetch order (the task's output_names order).
+        self.binding = self.session.io_binding()
+        self.output_names = [output.name for output in self.session.get_outputs()]
+
+    def feed(self, batch: Batch) -> None:
+        # Bound by reference: the arrays must stay alive until execute().
+        self.inputs = {name: np.ascontiguousarray(batch[name]) for name in INPUT_NAMES}
+        for name, array in self.inputs.items():
+            self.binding.bind_cpu_input(name, array)
+        # Outputs re-bound every batch: a bound output keeps the shape of its first run, and the last batch of a
+        # split (or another sequence length) has another shape.
+        self.binding.clear_binding_outputs()
+        for name in self.output_names:
+            self.binding.bind_output(name, "cpu")
+
+    def execute(self) -> None:
+        self.session.run_with_iobinding(self.binding)
+
+    def fetch(self) -> list[np.ndarray]:
+        return self.binding.copy_outputs_to_cpu()
+
+    def run(self, batch: Batch) -> list[np.ndarray]:
+        self.feed(batch)
+        self.execute()
+        return self.fetch()
