@@ -156,10 +156,16 @@ def stopped_at(exc: BaseException) -> str:
         return "?"
     # the signal handler's own frame (ernie_lab/signals.py) says nothing about where the work stopped
     ours = [f for f in frames if "ernie_lab" in Path(f.filename).parts and Path(f.filename).name != "signals.py"]
-    frame = (ours or frames)[-1]
-    parts = Path(frame.filename).parts
-    name = "/".join(parts[parts.index("ernie_lab"):]) if "ernie_lab" in parts else Path(frame.filename).name
-    return f"{name}:{frame.lineno} in {frame.name}"
+    inner = (ours or frames)[-1]
+    # a task helper (a head's forward, a loss, padding) says little alone: name the stage code that called it too
+    outer = next((f for f in reversed(ours) if "tasks" not in Path(f.filename).parts), None)
+
+    def show(frame) -> str:
+        parts = Path(frame.filename).parts
+        name = "/".join(parts[parts.index("ernie_lab"):]) if "ernie_lab" in parts else Path(frame.filename).name
+        return f"{name}:{frame.lineno} in {frame.name}"
+
+    return show(inner) if outer is None or outer is inner else f"{show(outer)} > {show(inner)}"
 
 
 def close_failed(run: TrackedRun, exc: BaseException) -> None:

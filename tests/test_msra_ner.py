@@ -60,8 +60,11 @@ def test_config_mirrors_tnews_keys():
             key for k, v in node.items() if isinstance(v, dict) for key in keys(v, f"{prefix}{k}.")
         }
 
-    tnews = yaml.safe_load((CONF_DIR / "task" / "tnews.yaml").read_text())
-    ours = yaml.safe_load((CONF_DIR / "task" / "msra_ner.yaml").read_text())
+    tnews_file = yaml.safe_load((CONF_DIR / "task" / "tnews.yaml").read_text())
+    ours_file = yaml.safe_load((CONF_DIR / "task" / "msra_ner.yaml").read_text())
+    # each task file sets its task.* and the train.* keys fine-tuning reads
+    assert set(ours_file) == set(tnews_file) == {"task", "train"} and set(ours_file["train"]) == set(tnews_file["train"])
+    tnews, ours = tnews_file["task"], ours_file["task"]
     assert keys(ours) - keys(tnews) == {"doc_stride"}
     assert keys(tnews) <= keys(ours)
     assert ours["data"]["eval_split"] == "test" and ours["selection_split"] == "heldout"
