@@ -364,7 +364,7 @@ def width_adaptive_model(cfg: DictConfig, task, source: Path, run) -> tuple[obje
     from ernie_lab.modeling import load_finetuned
 
     prune = cfg.prune
-    check_widths(prune)  # a bad width fails before the reuse check
+    widths = check_widths(prune)  # a bad width fails before the reuse check
     source_state = artifacts.read_json(source / "training_state.json")
     key = settings_key(cfg, source_state)
     out_dir = artifacts.width_adaptive_dir(cfg)
@@ -374,7 +374,7 @@ def width_adaptive_model(cfg: DictConfig, task, source: Path, run) -> tuple[obje
         run.set_tags({"prune_reused": "true"})
         return load_finetuned(out_dir, task.model_class()), state
 
-    student, state = build_width_adaptive(cfg, task, source, run)
+    student, state = build_width_adaptive(cfg, task, source, widths, run)
     state.update(settings_key=key, source_checkpoint=str(source), source_created_at=source_state.get("created_at"))
     with artifacts.atomic_dir(out_dir) as tmp:
         student.save_pretrained(str(tmp))
@@ -383,7 +383,7 @@ def width_adaptive_model(cfg: DictConfig, task, source: Path, run) -> tuple[obje
     return student, state
 
 
-def build_width_adaptive(cfg: DictConfig, task, source: Path, run) -> tuple[object, dict]:
+def build_width_adaptive(cfg: DictConfig, task, source: Path, widths: list[float], run) -> tuple[object, dict]:
     """DynaBERT's three steps on the fine-tuned checkpoint at `source`: rank heads and neurons on held-out
     examples, reorder, distil every width from the unchanged teacher; then score each width (logged, printed)."""
     import paddle
@@ -391,7 +391,6 @@ def build_width_adaptive(cfg: DictConfig, task, source: Path, run) -> tuple[obje
     from ernie_lab.modeling import load_finetuned
 
     prune = cfg.prune
-    widths = check_widths(prune)
     paddle.seed(int(cfg.seed))
     teacher = load_finetuned(source, task.model_class(), expected_task=cfg.task.name)
     student = load_finetuned(source, task.model_class(), expected_task=cfg.task.name)
