@@ -148,6 +148,14 @@ def tracked_run(cfg: DictConfig, stage: str, run_name: str | None = None,
         client.set_terminated(tracked.run_id, "FINISHED")
 
 
+# Modules that stages call into: where a stop lands in one of them, the stage that called it is named as well.
+HELPER_MODULES = frozenset({"tracking.py", "reporting.py", "metrics.py", "artifacts.py", "runtime.py"})
+
+
+def _is_helper(path: Path) -> bool:
+    return "tasks" in path.parts or path.name in HELPER_MODULES
+
+
 def stopped_at(exc: BaseException) -> str:
     """Where an exception left the project's code: `ernie_lab/training.py:212 in _finetune` (the innermost frame
     of this project, else the innermost one)."""
@@ -157,8 +165,8 @@ def stopped_at(exc: BaseException) -> str:
     # the signal handler's own frame (ernie_lab/signals.py) says nothing about where the work stopped
     ours = [f for f in frames if "ernie_lab" in Path(f.filename).parts and Path(f.filename).name != "signals.py"]
     inner = (ours or frames)[-1]
-    # a task helper (a head's forward, a loss, padding) says little alone: name the stage code that called it too
-    outer = next((f for f in reversed(ours) if "tasks" not in Path(f.filename).parts), None)
+    # a helper (a head's forward, a loss, padding, logging a metric) says little alone: name the stage code too
+    outer = next((f for f in reversed(ours) if not _is_helper(Path(f.filename))), None)
 
     def show(frame) -> str:
         parts = Path(frame.filename).parts

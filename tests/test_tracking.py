@@ -86,3 +86,25 @@ def test_a_sweep_lists_its_failed_jobs_on_the_parent_run(cfg_factory, tmp_path, 
     path = MlflowClient(tracking.tracking_uri).download_artifacts(parent.info.run_id, "failed_jobs.txt", str(tmp_path))
     assert open(path).read().strip() == "#0 task.data.source=nowhere: no such source"
     assert "1 of 2 jobs failed" in capsys.readouterr().err
+
+
+def _raise_through(*files: str) -> BaseException:
+    """An exception whose traceback passes through functions 'defined' in `files`, outermost first."""
+    namespace: dict = {}
+    for depth, name in enumerate(files):
+        callee = f"f{depth + 1}()" if depth + 1 < len(files) else "raise SystemExit(143)"
+        exec(compile(f"def f{depth}():\n    {callee}\n", f"/x/ernie_lab/{name}", "exec"), namespace)
+    try:
+        namespace["f0"]()
+    except SystemExit as exc:
+        return exc
+    raise AssertionError("nothing raised")
+
+
+@pytest.mark.parametrize("helper", ["tracking.py", "tasks/heads.py", "metrics.py"])
+def test_a_stop_inside_a_helper_names_the_stage_that_called_it(helper):
+    from ernie_lab.tracking import stopped_at
+
+    where = stopped_at(_raise_through("cli.py", "training.py", helper, "signals.py"))
+    assert where == f"ernie_lab/training.py:2 in f1 > ernie_lab/{helper}:2 in f2"
+    assert stopped_at(_raise_through("cli.py", "training.py", "signals.py")) == "ernie_lab/training.py:2 in f1"
