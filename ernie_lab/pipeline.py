@@ -35,8 +35,13 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
     for task in p.tasks:  # each task's stages read its own values (e.g. experiment=quickstart's per-task table)
         check_config(_stage_config(user_overrides, [f"task={task}"]))
     prepare_runtime(cfg, "pipeline")  # this process trains; benchmarks run in children
+    int8_engine = int8_runtime(cfg)
+    if int8_engine != cfg.runtime.name:
+        console.print(f"INT8 rows on runtime={int8_engine} (pipeline.int8_runtime={p.int8_runtime})")
     variants, skipped = [], []
     for strategy, precision, *extra in p.variants:
+        if precision == "int8" and int8_engine != cfg.runtime.name and not any(e.startswith("runtime=") for e in extra):
+            extra = [f"runtime={int8_engine}", *extra]
         # a variant may bring overrides of its own, e.g. `runtime=onnxruntime runtime.int8_mode=static`
         variant_cfg = _stage_config(user_overrides, list(extra)) if extra else cfg
         check_config(variant_cfg)
@@ -49,15 +54,51 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
         else:  # a config mistake fails here, before hours of work, not at its infer stage
             runtime.check_precision(rt_cfg, precision)
             variants.append((strategy, precision, list(extra)))
-    parent = start_parent_run(cfg, "pipeline", {"sweep_command": "python -m ernie_lab.pipeline " + " ".join(user_overrides)})
+    strategies = needed_strategies(p.strategies, variants, user_overrides)
+    parent = start_parent_run(cfg, "pipeline", {"sweep_command": "python -m ernie_lab.pipeline " + " ".join(user_overrides),
+                                                "int8_runtime": int8_engine})
     try:
-        return _run_stages(cfg, user_overrides, parent, variants, skipped)
+        return _run_stages(cfg, user_overrides, parent, strategies, variants, skipped)
     except BaseException as exc:  # stopped (KILLED) or crashed (FAILED): the parent run must not stay RUNNING
         close_failed(parent, exc)
         raise
 
 
-def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, variants: list, skipped: list[str]) -> int:
+def int8_runtime(cfg: DictConfig) -> str:
+    """The engine of the INT8 rows that name none. `auto`: Paddle's oneDNN INT8 (the seed's) on CPUs with VNNI,
+    ONNX Runtime's dynamic INT8 (7-bit weights) on CPUs without, where oneDNN's 8-bit kernels lose accuracy
+    (README, "Precisions on CPU"); a pipeline on another runtime keeps its own."""
+    from ernie_lab import runtime
+
+    choice = cfg.pipeline.int8_runtime
+    if choice != "auto":
+        return choice
+    if cfg.runtime.name != "cpu":
+        return cfg.runtime.name
+    return "cpu" if runtime.has_vnni() else "onnxruntime"
+
+
+def needed_strategies(strategies, variants: list, user_overrides: list[str]) -> list[str]:
+    """`pipeline.strategies` less the Paddle-quantized exports (ptq, dynabert_ptq) that no variant reads: the peer
+    engines quantize the float export themselves."""
+    read = set()
+    for strategy, precision, extra in variants:
+        variant_cfg = _stage_config(user_overrides, [f"strategy={strategy}", *extra])
+        read.add(strategy)
+        if precision == "int8" and variant_cfg.runtime.name in ("cpu", "gpu"):
+            read.add(variant_cfg.strategy.int8_counterpart)
+    kept = []
+    for strategy in strategies:
+        quantizes = "quantize" in _stage_config(user_overrides, [f"strategy={strategy}"]).strategy.steps
+        if not quantizes or strategy in read:
+            kept.append(strategy)
+        else:
+            console.print(f"compress strategy={strategy} left out: no variant runs its export")
+    return kept
+
+
+def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: list[str], variants: list,
+                skipped: list[str]) -> int:
     p = cfg.pipeline
     parent.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
     if skipped:
@@ -84,7 +125,7 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, variants: li
     for task in p.tasks:
         if stage("train", [f"task={task}"]) is None:
             continue
-        for strategy in p.strategies:
+        for strategy in strategies:
             stage("compress", [f"task={task}", f"strategy={strategy}"])
         for strategy, precision, extra in variants:
             result = stage("infer", [f"task={task}", f"strategy={strategy}", f"precision={precision}", *extra])

@@ -301,6 +301,7 @@ SCHEMA: dict[str, Rule] = {
     "pipeline.tasks": ListOf(Choice("tnews", "msra_ner", "cmrc2018"), nonempty=True),
     "pipeline.strategies": ListOf(Choice("none", "ptq", "dynabert", "dynabert_ptq")),
     "pipeline.variants": ListOf(ListOf(Str(), nonempty=True)),
+    "pipeline.int8_runtime": Choice("auto", "cpu", "gpu", "onnxruntime", "openvino"),
     "report.sweep_id": Str(nullable=True),
     "report.filter": Str(nullable=True),
     "report.output_dir": Str(nullable=True),

@@ -14,7 +14,7 @@ from tests.conftest import isolated_overrides
 
 def test_pipeline_trains_compresses_benchmarks_and_writes_the_table(tmp_path):
     overrides = [
-        "model=tiny", "pipeline.tasks=[tnews]",
+        "model=tiny", "pipeline.tasks=[tnews]", "pipeline.int8_runtime=cpu",  # Paddle INT8 on any CPU
         "pipeline.variants=[[none,fp32],[none,int8],[dynabert,fp32],[dynabert,int8]]",
         "quickstart.tnews.max_steps=16", "quickstart.tnews.train_limit=256",
         "quickstart.tnews.prune_steps=4", "prune.importance.samples=32", "prune.eval_samples=32",
@@ -42,3 +42,24 @@ def test_pipeline_trains_compresses_benchmarks_and_writes_the_table(tmp_path):
     stages = sorted(r.data.tags["stage"] for r in children)
     assert stages == ["compress"] * 4 + ["infer"] * 4 + ["train"]
     assert all(r.info.status == "FINISHED" for r in children)
+
+
+def test_int8_rows_run_where_int8_keeps_accuracy_and_unread_int8_exports_are_not_built(monkeypatch):
+    from hydra import initialize_config_dir
+
+    from ernie_lab import pipeline, runtime
+    from tests.conftest import make_cfg
+
+    variants = [("none", "fp32", []), ("none", "int8", []), ("dynabert", "fp32", []), ("dynabert", "int8", [])]
+    strategies = ["none", "ptq", "dynabert", "dynabert_ptq"]
+    for vnni, expected in [(True, "cpu"), (False, "onnxruntime")]:
+        monkeypatch.setattr(runtime, "has_vnni", lambda vnni=vnni: vnni)
+        assert pipeline.int8_runtime(make_cfg([], config_name="pipeline")) == expected
+    assert pipeline.int8_runtime(make_cfg(["pipeline.int8_runtime=openvino"], config_name="pipeline")) == "openvino"
+    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        # Paddle INT8 reads the ptq exports; ONNX Runtime quantizes the float ones itself
+        assert pipeline.needed_strategies(strategies, variants, []) == strategies
+        ort = [(s, p, ["runtime=onnxruntime"] if p == "int8" else []) for s, p, _ in variants]
+        assert pipeline.needed_strategies(strategies, ort, []) == ["none", "dynabert"]
+        mixed = [ort[1], variants[3]]  # ORT INT8 of none, Paddle INT8 of dynabert
+        assert pipeline.needed_strategies(strategies, mixed, []) == ["none", "dynabert", "dynabert_ptq"]
