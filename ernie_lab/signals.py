@@ -7,6 +7,7 @@ while Python still believes its handler is installed. An import hook therefore p
 module of those packages is loaded, whichever code imports them first."""
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 from importlib.abc import FileLoader
@@ -14,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Iterator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Packages whose import installs native signal handlers over ours.
@@ -36,9 +38,11 @@ class Stopped(SystemExit):
 
 
 _received: list[int] = []
-#: nesting depth of the wrapped native imports, and a stop that arrived during one: paddle's import code swallows
-#: exceptions (a bare `except:` in paddle.base.core), so the stop is raised once the outermost import is done
-_import_depth = 0
+#: nesting depth of the sections a stop must not cut (native imports, tracking-store writes), and a stop that
+#: arrived during one: paddle's import code swallows exceptions (a bare `except:` in paddle.base.core), and an
+#: MLflow write cut mid-transaction leaves its SQLite session unusable, so the run could not be closed as KILLED.
+#: The stop is raised once the outermost section is done.
+_hold_depth = 0
 _deferred: list[int] = []
 
 
@@ -73,10 +77,23 @@ def _handle(signum: int, frame) -> None:
     timer = threading.Timer(GRACE_SECONDS, _hard_exit, args=(signum,))
     timer.daemon = True
     timer.start()
-    if _import_depth:
+    if _hold_depth:
         _deferred.append(signum)
         return
     raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """A section a stop must not cut: a stop that arrives inside is raised when the outermost section ends."""
+    global _hold_depth
+    _hold_depth += 1
+    try:
+        yield
+    finally:
+        _hold_depth -= 1
+    if _deferred and not _hold_depth:
+        raise Stopped(_deferred.pop())
 
 
 def install() -> None:
@@ -114,15 +131,11 @@ class _ReinstallAfterNativeImports(importlib.abc.MetaPathFinder):
         original = loader.exec_module
 
         def exec_module(module):
-            global _import_depth
-            _import_depth += 1
-            try:
-                original(module)
-            finally:
-                _import_depth -= 1
-                install()
-            if _deferred and not _import_depth:
-                raise Stopped(_deferred.pop())
+            with held():
+                try:
+                    original(module)
+                finally:
+                    install()
 
         loader.exec_module = exec_module
         return spec

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
+from ernie_lab import signals
 from ernie_lab.config import flatten
 
 PARENT_RUN_ENV = "ERNIE_LAB_PARENT_RUN_ID"
@@ -28,7 +29,26 @@ def _client(tracking_cfg: DictConfig):
     uri = tracking_cfg.tracking_uri
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    return _HeldClient(MlflowClient(tracking_uri=uri))
+
+
+class _HeldClient:
+    """An MlflowClient whose calls a stop does not cut in half (`signals.held`): a SIGINT inside a SQLite write
+    left the store's session unusable, and the run then stayed RUNNING instead of becoming KILLED."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            with signals.held():
+                return attr(*args, **kwargs)
+
+        return call
 
 
 def experiment_id(tracking_cfg: DictConfig) -> str:

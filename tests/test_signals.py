@@ -193,3 +193,23 @@ def test_sigterm_stops_a_multirun_and_closes_its_parent_run(tmp_path):
     code, output, runs = stop("train.py", args, signal.SIGTERM, metric_logged("train/loss"), tmp_path)
     assert sorted(name.split("-")[0] for _, _, name in runs) == ["sweep", "train"]  # the second job never started
     assert_killed(code, output, runs, tmp_path, signal.SIGTERM)
+
+
+def test_a_stop_inside_a_tracking_write_waits_for_the_write_to_finish():
+    # a SIGINT inside a SQLite write once left MLflow's session unusable and the run RUNNING: the write completes,
+    # then the stop is raised
+    script = """
+import os, signal
+from ernie_lab import signals
+signals.install()
+done = []
+try:
+    with signals.held():
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("write finished")
+    done.append("not reached")
+except signals.Stopped as stop:
+    print(done, stop.signame)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "['write finished'] SIGINT", proc.stdout + proc.stderr
