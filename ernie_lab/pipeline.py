@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -25,6 +26,25 @@ def _stage_config(user_overrides: list[str], extra: list[str]) -> DictConfig:
     from hydra import compose
 
     return compose(config_name="pipeline", overrides=user_overrides + extra)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One infer.py row of the closing table, with the runtime its config composed to (read once, when the
+    variant is checked, so that later decisions need not compose it again)."""
+    strategy: str
+    precision: str
+    extra: tuple[str, ...]  # the variant's own overrides, e.g. ("runtime=onnxruntime", "runtime.int8_mode=static")
+    runtime: str  # runtime.name
+
+    @property
+    def name(self) -> str:
+        return "/".join([self.strategy, self.precision, *self.extra])
+
+    @property
+    def reads_paddle_int8(self) -> bool:
+        """Paddle Inference runs INT8 from the strategy's quantized export; the peer engines quantize the float one."""
+        return self.precision == "int8" and self.runtime in ("cpu", "gpu")
 
 
 def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
@@ -46,14 +66,14 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
         variant_cfg = _stage_config(user_overrides, list(extra)) if extra else cfg
         check_config(variant_cfg)
         rt_cfg = variant_cfg.runtime
-        name = "/".join([strategy, precision, *extra])
+        variant = Variant(strategy, precision, tuple(extra), rt_cfg.name)
         gap = runtime.hardware_gap(rt_cfg, precision) if precision in rt_cfg.precisions else None
         if gap:  # this machine lacks the instructions: leave the row out and say why
-            skipped.append(f"{name}: {gap}")
-            console.print(f"[yellow]skipping {name}:[/] {gap}")
+            skipped.append(f"{variant.name}: {gap}")
+            console.print(f"[yellow]skipping {variant.name}:[/] {gap}")
         else:  # a config mistake fails here, before hours of work, not at its infer stage
             runtime.check_precision(rt_cfg, precision)
-            variants.append((strategy, precision, list(extra)))
+            variants.append(variant)
     strategies = needed_strategies(p.strategies, variants, user_overrides)
     parent = start_parent_run(cfg, "pipeline", {"sweep_command": "python -m ernie_lab.pipeline " + " ".join(user_overrides),
                                                 "int8_runtime": int8_engine})
@@ -78,26 +98,26 @@ def int8_runtime(cfg: DictConfig) -> str:
     return "cpu" if runtime.has_vnni() else "onnxruntime"
 
 
-def needed_strategies(strategies, variants: list, user_overrides: list[str]) -> list[str]:
+def needed_strategies(strategies, variants: list[Variant], user_overrides: list[str]) -> list[str]:
     """`pipeline.strategies` less the Paddle-quantized exports (ptq, dynabert_ptq) that no variant reads: the peer
     engines quantize the float export themselves."""
+    strategy_cfgs = {s: _stage_config(user_overrides, [f"strategy={s}"]).strategy
+                     for s in {*strategies, *(v.strategy for v in variants)}}
     read = set()
-    for strategy, precision, extra in variants:
-        variant_cfg = _stage_config(user_overrides, [f"strategy={strategy}", *extra])
-        read.add(strategy)
-        if precision == "int8" and variant_cfg.runtime.name in ("cpu", "gpu"):
-            read.add(variant_cfg.strategy.int8_counterpart)
+    for v in variants:
+        read.add(v.strategy)
+        if v.reads_paddle_int8:
+            read.add(strategy_cfgs[v.strategy].int8_counterpart)
     kept = []
     for strategy in strategies:
-        quantizes = "quantize" in _stage_config(user_overrides, [f"strategy={strategy}"]).strategy.steps
-        if not quantizes or strategy in read:
+        if "quantize" not in strategy_cfgs[strategy].steps or strategy in read:
             kept.append(strategy)
         else:
             console.print(f"compress strategy={strategy} left out: no variant runs its export")
     return kept
 
 
-def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: list[str], variants: list,
+def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: list[str], variants: list[Variant],
                 skipped: list[str]) -> int:
     p = cfg.pipeline
     parent.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
@@ -127,8 +147,8 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
             continue
         for strategy in strategies:
             stage("compress", [f"task={task}", f"strategy={strategy}"])
-        for strategy, precision, extra in variants:
-            result = stage("infer", [f"task={task}", f"strategy={strategy}", f"precision={precision}", *extra])
+        for v in variants:
+            result = stage("infer", [f"task={task}", f"strategy={v.strategy}", f"precision={v.precision}", *v.extra])
             if result is not None:
                 results.append(result)
 
