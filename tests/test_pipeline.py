@@ -53,10 +53,10 @@ def test_int8_rows_run_where_int8_keeps_accuracy_and_unread_int8_exports_are_not
     variants = [pipeline.Variant(s, p, (), "cpu") for s, p in [("none", "fp32"), ("none", "int8"), ("dynabert", "fp32"),
                                                                ("dynabert", "int8")]]
     strategies = ["none", "ptq", "dynabert", "dynabert_ptq"]
-    for vnni, expected in [(True, "cpu"), (False, "onnxruntime")]:
+    for vnni, expected in [(True, "openvino"), (False, "onnxruntime")]:
         monkeypatch.setattr(runtime, "has_vnni", lambda vnni=vnni: vnni)
         assert pipeline.int8_runtime(make_cfg([], config_name="pipeline")) == expected
-    assert pipeline.int8_runtime(make_cfg(["pipeline.int8_runtime=openvino"], config_name="pipeline")) == "openvino"
+    assert pipeline.int8_runtime(make_cfg(["pipeline.int8_runtime=cpu"], config_name="pipeline")) == "cpu"  # forced
     with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
         # Paddle INT8 reads the ptq exports; ONNX Runtime quantizes the float ones itself
         assert pipeline.needed_strategies(strategies, variants, []) == strategies
