@@ -68,8 +68,11 @@ def test_run_metrics_divide_by_the_precisions_peak():
     _, params = roofline.run_metrics(shapes, [(10, 36)], 10, 10, 10.0, "fp32", {**peak, "fp32_gflops": 20.0,
                                                                                "measured_at": "then"})
     assert "busy CPU" in params["roofline.warning"]
+    # a CPU without bf16 GEMMs has no bf16 peak: the run logs GFLOP/s, no percentage
     metrics, _ = roofline.run_metrics(shapes, [(10, 36)], 10, 10, 10.0, "bf16", peak)
     assert "perf/roofline_pct" not in metrics and metrics["perf/gflops"] > 0
+    metrics, params = roofline.run_metrics(shapes, [(10, 36)], 10, 10, 10.0, "bf16", {**peak, "bf16_gflops": 400.0})
+    assert metrics["perf/roofline_pct"] == pytest.approx(30.82738176 / 4) and params["roofline.peak_used"] == "bf16_gflops"
 
 
 def test_peak_probe_runs_once_per_machine_and_is_cached(tmp_path):
@@ -78,9 +81,25 @@ def test_peak_probe_runs_once_per_machine_and_is_cached(tmp_path):
     found = roofline.peaks(runtime, cache, seconds=0.05)
     assert found["isa"] == roofline.isa_name(roofline.cpu_flag_set())
     assert found["fp32_gflops"] > 0.5 and found["int8_gflops"] > 0.5
+    # a bf16 peak only where the CPU has bf16 instructions (elsewhere OpenVINO would measure fp32 under its name)
+    assert ("bf16_gflops" in found) == any(f in roofline.cpu_flag_set() for f in roofline.BF16_FLAGS)
     stored = json.loads(cache.read_text())
     assert list(stored) == [roofline.machine_key(1)]
     # a cached entry is used as it is, without probing again
     stored[roofline.machine_key(1)]["fp32_gflops"] = 12345.0
     cache.write_text(json.dumps(stored))
     assert roofline.peaks(runtime, cache)["fp32_gflops"] == 12345.0
+
+
+@pytest.mark.skipif(not any(f in roofline.cpu_flag_set() for f in roofline.BF16_FLAGS),
+                    reason="this CPU has no AVX512-BF16 / AMX-BF16")
+def test_bf16_probe_runs_bf16_arithmetic():
+    """The probe's GEMM really runs in bf16: its result carries bf16's rounding (8-bit mantissa), which an fp32
+    GEMM mislabelled as bf16 would not."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((256, 256), dtype=np.float32) for _ in range(2))
+    assert roofline._openvino_bf16_rate(a, b, 1, 0.05) > 0
+    error = np.abs(roofline._openvino_bf16_matmul(b, 1)(a) - a @ b).max() / np.abs(a @ b).max()
+    assert 1e-4 < error < 2e-2

@@ -5,8 +5,9 @@
   adds are element-wise: < 2% of an ERNIE layer at the lengths benchmarked here).
 - `peaks`: the CPU's measured GEMM peak per precision at the run's thread count, from a short probe in a fresh
   process (fp32: the faster of numpy's BLAS and Paddle's matmul; int8: ONNX Runtime's MatMulInteger, u8 x s8,
-  MLAS's integer GEMM), run once per machine and cached in a small JSON keyed by CPU model, flags and threads,
-  with the instruction set it found (AVX2 / AVX-512 / VNNI / AMX).
+  MLAS's integer GEMM; bf16, on CPUs with AVX512-BF16 or AMX-BF16 only: an OpenVINO MatMul compiled with a bf16
+  inference precision, oneDNN's bf16 GEMM), run once per machine and cached in a small JSON keyed by CPU model,
+  flags and threads, with the instruction set it found (AVX2 / AVX-512 / VNNI / AMX).
 
 A run logs `perf/gflops` (model FLOPs of a pass over the timed engine time; INT8 "FLOPs" are the same
 multiply-adds done in 8 bits) and `perf/roofline_pct` (that over the peak for its precision)."""
@@ -21,10 +22,11 @@ from typing import Sequence
 
 from ernie_lab import artifacts
 
-# Which probe measures a precision's peak. bf16 has none yet (no BF16 CPU to check one on): its runs log
-# perf/gflops without a roofline percentage.
-PEAK_OF = {"fp32": "fp32", "int8": "int8"}
-PROBE_VERSION = 1
+# Which probe measures a precision's peak (a precision without one logs perf/gflops and no roofline percentage).
+PEAK_OF = {"fp32": "fp32", "int8": "int8", "bf16": "bf16"}
+# Bumped when the probe changes, so that cached peaks are measured again (2: bf16 added).
+PROBE_VERSION = 2
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 # ---- FLOPs ----------------------------------------------------------------------------------------------------
@@ -155,7 +157,32 @@ def _probe(runtime: dict, seconds: float) -> dict:
         out["int8_source"] = "onnxruntime MatMulInteger u8s8"
     except ImportError:  # ONNX Runtime not installed: no int8 roofline
         pass
+    # elsewhere OpenVINO would quietly run the "bf16" MatMul in fp32, and the peak would be fp32's
+    if any(flag in cpu_flag_set() for flag in BF16_FLAGS):
+        try:
+            out["bf16_gflops"] = _openvino_bf16_rate(a, b, threads, seconds)
+            out["bf16_source"] = "openvino MatMul, inference precision bf16"
+        except ImportError:  # OpenVINO not installed: no bf16 roofline
+            pass
     return out
+
+
+def _openvino_bf16_matmul(b, threads: int):
+    """x -> x @ b as OpenVINO's CPU plugin runs it with a bf16 inference precision (oneDNN's bf16 GEMM)."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter(list(b.shape), ov.Type.f32, name="a")
+    model = ov.Model([ops.matmul(x, ops.constant(b), False, False)], [x], "bf16_gemm")
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16",
+                                                      "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    return lambda a: request.infer({0: a})[0]
+
+
+def _openvino_bf16_rate(a, b, threads: int, seconds: float) -> float:
+    matmul = _openvino_bf16_matmul(b, threads)
+    return _best_rate(lambda: matmul(a), 2.0 * a.shape[0] ** 3, seconds)
 
 
 def _ort_int8_rate(size: int, threads: int, seconds: float) -> float:
