@@ -297,6 +297,9 @@ SCHEMA: dict[str, Rule] = {
     "quickstart.*.prune_steps": COUNT,
     "quickstart.*.prune_eval_samples": COUNT,
     "quickstart.*.eval_limit": COUNT_OR_NULL,
+    # experiment=medium_engines' per-task eval slice and the warm-up that covers it
+    "medium_engines.*.eval_limit": COUNT_OR_NULL,
+    "medium_engines.*.warmup_batches": Int(0),
     # pipeline.yaml, report.yaml
     "pipeline.tasks": ListOf(Choice("tnews", "msra_ner", "cmrc2018"), nonempty=True),
     "pipeline.strategies": ListOf(Choice("none", "ptq", "dynabert", "dynabert_ptq")),
