@@ -30,12 +30,12 @@ def _stage_config(user_overrides: list[str], extra: list[str]) -> DictConfig:
 
 @dataclass(frozen=True)
 class Variant:
-    """One infer.py row of the closing table, with the runtime its config composed to (read once, when the
-    variant is checked, so that later decisions need not compose it again)."""
+    """One infer.py row of the closing table, with what its runtime does with INT8 (read once, when the variant's
+    config is checked, so that later decisions need not compose it again)."""
     strategy: str
     precision: str
     extra: tuple[str, ...]  # the variant's own overrides, e.g. ("runtime=onnxruntime", "runtime.int8_mode=static")
-    runtime: str  # runtime.name
+    quantizes_float_export: bool  # runtime.quantizes_float_export: ONNX Runtime and OpenVINO quantize it themselves
 
     @property
     def name(self) -> str:
@@ -43,8 +43,8 @@ class Variant:
 
     @property
     def reads_paddle_int8(self) -> bool:
-        """Paddle Inference runs INT8 from the strategy's quantized export; the peer engines quantize the float one."""
-        return self.precision == "int8" and self.runtime in ("cpu", "gpu")
+        """INT8 on Paddle Inference runs the strategy's quantized export (benchmark.resolve_export's rule)."""
+        return self.precision == "int8" and not self.quantizes_float_export
 
 
 def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
@@ -66,7 +66,7 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
         variant_cfg = _stage_config(user_overrides, list(extra)) if extra else cfg
         check_config(variant_cfg)
         rt_cfg = variant_cfg.runtime
-        variant = Variant(strategy, precision, tuple(extra), rt_cfg.name)
+        variant = Variant(strategy, precision, tuple(extra), bool(rt_cfg.get("quantizes_float_export", False)))
         gap = runtime.hardware_gap(rt_cfg, precision) if precision in rt_cfg.precisions else None
         if gap:  # this machine lacks the instructions: leave the row out and say why
             skipped.append(f"{variant.name}: {gap}")

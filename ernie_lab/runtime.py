@@ -58,8 +58,7 @@ def check_precision(runtime: DictConfig, precision: str) -> None:
 def hardware_gap(runtime: DictConfig, precision: str) -> str | None:
     """Why this machine cannot run a precision that its runtime supports in general, or None."""
     if precision == "bf16" and runtime.device == "cpu":
-        flags = cpu_flags()
-        if not (flags.get("avx512_bf16") or flags.get("amx_bf16")):
+        if not has_bf16():
             # Paddle Inference would quietly fall back to FP32 and the run would be mislabelled.
             return (
                 f"precision=bf16 needs a CPU with AVX512-BF16 or AMX-BF16; this one ({cpu_model()}) has neither, "
@@ -239,3 +238,12 @@ VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 def has_vnni() -> bool:
     flags = set(_cpuinfo_field("flags").split())
     return any(f in flags for f in VNNI_FLAGS)
+
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def has_bf16() -> bool:
+    """bf16 GEMM instructions; without them oneDNN and OpenVINO quietly run "bf16" in fp32."""
+    flags = cpu_flags()
+    return any(flags.get(f) for f in BF16_FLAGS)

@@ -50,8 +50,8 @@ def test_int8_rows_run_where_int8_keeps_accuracy_and_unread_int8_exports_are_not
     from ernie_lab import pipeline, runtime
     from tests.conftest import make_cfg
 
-    variants = [pipeline.Variant(s, p, (), "cpu") for s, p in [("none", "fp32"), ("none", "int8"), ("dynabert", "fp32"),
-                                                               ("dynabert", "int8")]]
+    variants = [pipeline.Variant(s, p, (), False)
+                for s, p in [("none", "fp32"), ("none", "int8"), ("dynabert", "fp32"), ("dynabert", "int8")]]
     strategies = ["none", "ptq", "dynabert", "dynabert_ptq"]
     for vnni, expected in [(True, "openvino"), (False, "onnxruntime")]:
         monkeypatch.setattr(runtime, "has_vnni", lambda vnni=vnni: vnni)
@@ -60,7 +60,7 @@ def test_int8_rows_run_where_int8_keeps_accuracy_and_unread_int8_exports_are_not
     with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
         # Paddle INT8 reads the ptq exports; ONNX Runtime quantizes the float ones itself
         assert pipeline.needed_strategies(strategies, variants, []) == strategies
-        ort = [pipeline.Variant(v.strategy, v.precision, ("runtime=onnxruntime",), "onnxruntime")
+        ort = [pipeline.Variant(v.strategy, v.precision, ("runtime=onnxruntime",), True)
                if v.precision == "int8" else v for v in variants]
         assert pipeline.needed_strategies(strategies, ort, []) == ["none", "dynabert"]
         mixed = [ort[1], variants[3]]  # ORT INT8 of none, Paddle INT8 of dynabert

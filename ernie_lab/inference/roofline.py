@@ -26,7 +26,6 @@ from ernie_lab import artifacts
 PEAK_OF = {"fp32": "fp32", "int8": "int8", "bf16": "bf16"}
 # Bumped when the probe changes, so that cached peaks are measured again (2: bf16 added).
 PROBE_VERSION = 2
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 # ---- FLOPs ----------------------------------------------------------------------------------------------------
@@ -158,7 +157,7 @@ def _probe(runtime: dict, seconds: float) -> dict:
     except ImportError:  # ONNX Runtime not installed: no int8 roofline
         pass
     # elsewhere OpenVINO would quietly run the "bf16" MatMul in fp32, and the peak would be fp32's
-    if any(flag in cpu_flag_set() for flag in BF16_FLAGS):
+    if rt.has_bf16():
         try:
             out["bf16_gflops"] = _openvino_bf16_rate(a, b, threads, seconds)
             out["bf16_source"] = "openvino MatMul, inference precision bf16"
