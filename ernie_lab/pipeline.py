@@ -158,7 +158,7 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
         console.print(table("Wall-clock minutes per task and stage", ["task", "train", "compress", "infer", "total"], rows))
         parent.log_metrics({f"time/{task}_minutes": total for task, *_, total in rows if task != "all tasks"})
     if results:
-        results_file = write_report(results, cfg.model.name, Path(HydraConfig.get().runtime.output_dir), parent,
+        results_file = write_report(results, Path(HydraConfig.get().runtime.output_dir), parent,
                                     minutes=minutes)
         console.print(f"table and Pareto charts written beside {results_file}")
     if failures:

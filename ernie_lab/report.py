@@ -48,10 +48,9 @@ def make_report(cfg: DictConfig) -> Path:
 
     runs, sweep = select_runs(cfg)
     results = results_from_runs(runs)
-    models = sorted({r["model"] for r in results})
     parent = attach_run(cfg.tracking, sweep) if sweep else None
     out_dir = Path(cfg.report.output_dir or HydraConfig.get().runtime.output_dir)
-    path = write_report(results, " / ".join(models), out_dir, parent)
+    path = write_report(results, out_dir, parent)
     console.print(f"{len(results)} runs{f' of sweep {sweep}' if sweep else ''}; report written to {out_dir}"
                   f"{' and logged on the parent run' if parent else ''}")
     return path

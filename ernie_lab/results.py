@@ -256,16 +256,25 @@ def time_section(minutes: dict[str, dict[str, float]]) -> str:
     return "\n## Wall-clock minutes per task and stage\n" + "\n".join(lines) + "\n"
 
 
-def write_report(results: list[dict], model: str, out_dir: Path, parent=None, budget: float = 0.5,
+def model_label(results: list[dict]) -> str:
+    """The model named in the rows: the runs' model, or their models joined in the order seen where tasks used
+    different ones (the quick start's per-task depths, a sweep over `model=`)."""
+    return " / ".join(dict.fromkeys(r["model"] for r in results))
+
+
+def write_report(results: list[dict], out_dir: Path, parent=None, budget: float = 0.5,
                  minutes: dict[str, dict[str, float]] | None = None) -> Path:
     """results.md and one Pareto PNG per task into `out_dir`, also logged on `parent` (anything with a TrackedRun's
     `log_text`/`log_artifact`). `minutes` (task -> stage -> minutes) adds the main job's time table."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    model = model_label(results)
     markdown = seed_table(results, model) + engine_comparison(results) + engine_ranking(results, model, budget)
     if minutes:
         markdown += time_section(minutes)
     (out_dir / "results.md").write_text(markdown, encoding="utf-8")
-    charts = [pareto_chart(results, t, model, out_dir / f"pareto_{t}.png") for t in dict.fromkeys(r["task"] for r in results)]
+    tasks = dict.fromkeys(r["task"] for r in results)
+    charts = [pareto_chart(results, t, model_label([r for r in results if r["task"] == t]), out_dir / f"pareto_{t}.png")
+              for t in tasks]
     if parent is not None:
         parent.log_text(markdown, "results.md")
         for chart in charts:

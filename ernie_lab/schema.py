@@ -195,6 +195,7 @@ SCHEMA: dict[str, Rule] = {
     "task.max_query_length": COUNT,
     "task.n_best_size": COUNT,
     "task.max_answer_length": COUNT,
+    "task.answerless_windows": Num(0, 1),
     "task.selection_split": Choice("eval", "heldout"),
     "task.data.source": Choice("local", "online"),
     "task.data.dir": Str(nonempty=True),
@@ -289,6 +290,7 @@ SCHEMA: dict[str, Rule] = {
     "tracking.experiment_name": Str(nonempty=True),
     "paths.*": Str(nonempty=True),
     # experiment=quickstart's per-task table
+    "quickstart.*.layers": COUNT,
     "quickstart.*.max_steps": COUNT,
     "quickstart.*.batch_size": COUNT,
     "quickstart.*.learning_rate": Positive(),

@@ -126,4 +126,4 @@ class SweepCallback(Callback):
         runs = find_runs(self.config.tracking, f"tags.sweep_id = '{parent.run_id}' and tags.stage = 'infer'")
         results = results_from_runs([r for r in runs if r.info.status == "FINISHED"])
         if results:
-            write_report(results, self.config.model.name, Path(self.config.hydra.sweep.dir), parent)
+            write_report(results, Path(self.config.hydra.sweep.dir), parent)

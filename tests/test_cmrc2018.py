@@ -59,7 +59,8 @@ def test_config_mirrors_tnews_keys():
     # each task file sets its task.* and the train.* keys fine-tuning reads
     assert set(ours_file) == set(tnews_file) == {"task", "train"} and set(ours_file["train"]) == set(tnews_file["train"])
     tnews, ours = tnews_file["task"], ours_file["task"]
-    assert keys(ours) - keys(tnews) == {"doc_stride", "max_query_length", "n_best_size", "max_answer_length"}
+    assert keys(ours) - keys(tnews) == {"doc_stride", "max_query_length", "n_best_size", "max_answer_length",
+                                        "answerless_windows"}
     assert keys(tnews) <= keys(ours)
     assert ours["data"]["eval_split"] == "dev" and ours["selection_split"] == "eval"
     defaults = [ours[k] for k in ("max_seq_length", "doc_stride", "n_best_size", "max_answer_length")]
@@ -210,6 +211,29 @@ def test_windows_without_the_answer_point_at_cls(tokenizer):
         else:
             assert (f["start_position"], f["end_position"]) == (0, 0)
         assert f["token_type_ids"] == [0] * 4 + [1] * (len(f["input_ids"]) - 4)
+
+
+def test_answerless_windows_share_thins_training_windows_but_never_evaluation(tokenizer):
+    context = "甲乙丙丁戊己庚辛壬癸" * 4
+    examples = [{"id": f"q{k}", "question": "问题", "context": context, "answers": ["庚辛壬"], "answer_starts": [36]}
+                for k in range(20)]  # 9 windows each, 2 of them holding the answer
+
+    def windows(share: float, training: bool = True):
+        return small_task(tokenizer, f"task.answerless_windows={share}").featurize(examples, training=training)
+
+    answerless = lambda fs: sum(f["start_position"] == 0 for f in fs)  # noqa: E731
+    assert len(windows(1.0)) == 180 and answerless(windows(1.0)) == 140  # all kept, as the seed trains
+    assert len(windows(0.0)) == 40 and answerless(windows(0.0)) == 0  # every answer window kept
+    half = windows(0.5)
+    assert len(half) - answerless(half) == 40 and 40 < answerless(half) < 100
+    assert [f["offsets"] for f in windows(0.5)] == [f["offsets"] for f in half]  # the same draw on every run
+    assert len(windows(0.0, training=False)) == 180  # evaluation reads every window
+
+
+def test_answerless_windows_share_outside_0_1_is_refused():
+    with pytest.raises(ConfigError, match="task.answerless_windows"):
+        from ernie_lab.schema import validate
+        validate(compose_cfg("task.answerless_windows=1.5"))
 
 
 # ---- windows and span decoding -------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from ernie_lab.errors import ConfigError
 from ernie_lab.runtime import check_precision, hardware_gap
 from tests.conftest import make_cfg, run_script
 
+# options whose `name` says what they composed to rather than repeating the option (outside the quick start's table)
+NAMED_BY_DEPTH = {("model", "e5-small-zh-quickstart"): "e5-small-zh-l2"}
 GROUPS = ["model", "task", "strategy", "runtime", "precision", "benchmark", "quantize", "tracking", "paths", "experiment"]
 
 
@@ -21,7 +23,7 @@ def test_every_option_of_every_group_composes_and_resolves(group):
         resolved = OmegaConf.to_container(cfg, resolve=True)  # no dangling interpolation anywhere
         assert resolved["model"]["name"]
         if group not in ("experiment", "paths", "tracking", "benchmark", "quantize"):
-            assert cfg[group].name == option
+            assert cfg[group].name == NAMED_BY_DEPTH.get((group, option), option)
 
 
 def _literal_leaves(node, prefix=""):
@@ -59,13 +61,17 @@ def test_every_value_a_group_option_sets_is_the_value_a_run_gets(group):
 
 def test_pipeline_config_composes_with_the_quickstart_experiment():
     cfg = make_cfg([], config_name="pipeline")
-    assert cfg.model.name == "e5-small-zh-l2" and cfg.model.init == "package"
+    assert cfg.model.name == "e5-small-zh-l4" and cfg.model.init == "package"  # TNEWS, the first task
     assert list(cfg.pipeline.tasks) == ["tnews", "msra_ner", "cmrc2018"]
     for task in cfg.pipeline.tasks:  # each task gets its own budget from the quickstart table
         task_cfg = make_cfg([f"task={task}"], config_name="pipeline")
         budget = task_cfg.quickstart[task]
         assert task_cfg.train.max_steps == budget.max_steps and task_cfg.train.batch_size == budget.batch_size
         assert task_cfg.task.max_seq_length == budget.max_seq_length
+        # and its own depth of the pretrained model, named after it so checkpoints of two depths never mix
+        assert task_cfg.model.num_hidden_layers == budget.layers
+        assert task_cfg.model.name == f"e5-small-zh-l{budget.layers}"
+        assert task_cfg.model.package.cache_dir.endswith(f"/pretrained/e5-small-zh-l{budget.layers}")
 
 
 def test_model_sizes_match_the_published_ernie_3_family():

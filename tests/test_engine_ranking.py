@@ -2,12 +2,12 @@
 the roofline figures beside each QPS."""
 from __future__ import annotations
 
-from ernie_lab.results import engine_ranking, seed_table, within_budget, write_report
+from ernie_lab.results import engine_ranking, model_label, seed_table, within_budget, write_report
 
 
-def result(task, strategy, precision, qps, metric, label="", gflops=None, pct=None):
+def result(task, strategy, precision, qps, metric, label="", gflops=None, pct=None, model="m"):
     name = {"tnews": "accuracy", "msra_ner": "f1", "cmrc2018": "exact_match"}[task]
-    out = {"task": task, "strategy": strategy, "precision": precision, "device": "cpu", "runtime_label": label,
+    out = {"task": task, "model": model, "strategy": strategy, "precision": precision, "device": "cpu", "runtime_label": label,
            "primary_metric": name, "perf/qps": qps, f"eval/{name}": metric}
     if gflops is not None:
         out["perf/gflops"] = gflops
@@ -53,5 +53,14 @@ def test_seed_table_shows_roofline_beside_qps_and_report_has_the_ranking(tmp_pat
     rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines()[2:]}
     assert "20.00 (1.0x) [60.0 GFLOP/s, 75%]" in rows["m+FP32"]
     assert "GFLOP/s" not in rows["m+INT8"]  # a run without the figures shows QPS alone
-    text = write_report(RESULTS, "m", tmp_path).read_text()
+    text = write_report(RESULTS, tmp_path).read_text()
     assert "## Fastest within 0.5 point of FP32" in text and "- TNEWS: OpenVINO 40.00 QPS" in text
+
+
+def test_report_names_each_model_where_tasks_used_different_ones(tmp_path):
+    results = [result("tnews", "none", "fp32", 20.0, 50.0, model="e5-small-zh-l4"),
+               result("msra_ner", "none", "fp32", 10.0, 30.0, model="e5-small-zh-l2"),
+               result("msra_ner", "none", "int8", 25.0, 29.8, label="openvino ptq", model="e5-small-zh-l2")]
+    text = write_report(results, tmp_path).read_text()
+    assert "| e5-small-zh-l4 / e5-small-zh-l2+FP32 |" in text
+    assert model_label([r for r in results if r["task"] == "msra_ner"]) == "e5-small-zh-l2"

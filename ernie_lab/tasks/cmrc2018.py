@@ -135,6 +135,7 @@ class Cmrc2018Task(Task):
         self.max_query_length = int(cfg.max_query_length)
         self.n_best_size = int(cfg.n_best_size)
         self.max_answer_length = int(cfg.max_answer_length)
+        self.answerless_windows = float(cfg.answerless_windows)
         if self.max_seq_length - self.max_query_length - 3 < 1:
             raise ConfigError(
                 f"task.max_seq_length={self.max_seq_length} leaves no room for context after "
@@ -183,6 +184,8 @@ class Cmrc2018Task(Task):
         if training:
             self.realigned_answers = self.unaligned_answers = 0
         features = []
+        # which answerless training windows are kept: the same draw for the same examples on every run
+        keep_draw = np.random.default_rng(0)
         for index, ex in enumerate(examples):
             question = self.tokenizer.convert_tokens_to_ids(self.tokenizer.tokenize(ex["question"]))
             question = question[: self.max_query_length]
@@ -203,6 +206,8 @@ class Cmrc2018Task(Task):
                 }
                 if answer is not None:  # a window without the whole answer points at [CLS]
                     inside = start <= answer[0] and answer[1] < end
+                    if not inside and keep_draw.random() >= self.answerless_windows:
+                        continue
                     feature["start_position"] = answer[0] - start + first if inside else 0
                     feature["end_position"] = answer[1] - start + first if inside else 0
                 features.append(feature)
