@@ -18,7 +18,7 @@ def variant_name(model: str, strategy: str, precision: str, runtime_label: str =
     title = STRATEGY_TITLES.get(base, "+" + base)
     if width:
         title += f"({width})"
-    name = f"{model}{title}+{precision.upper()}"
+    name = f"{model}{title}+{precision.upper()}".lstrip("+")  # no model: the table names each task's model
     return f"{name} [{runtime_label}]" if runtime_label else name
 
 
@@ -89,7 +89,8 @@ def seed_table(results: list[dict], model: str) -> str:
             quality = f"{value:.2f}" if fp32 is None or fp32 is r else f"{value:.2f} ({value - fp32[metric]:+.2f})"
             row += [speed, quality]
         rows.append(row)
-    console.print(table(f"{model}: QPS (batch 32) and metric, speedup and delta against FP32", columns, _plain(rows)))
+    title = f"{model or 'each task its model'}: QPS (batch 32) and metric, speedup and delta against FP32"
+    console.print(table(title, columns, _plain(rows)))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -223,7 +224,7 @@ def pareto_chart(results: list[dict], task: str, model: str, path: Path) -> Path
     for i, (r, (q, m)) in enumerate(zip(rows, points)):
         on_front = i in front
         ax.scatter(q, m, s=60 if on_front else 35, color="tab:red" if on_front else "tab:blue", zorder=3)
-        label = variant_name("", r["strategy"], r["precision"], r.get("runtime_label", "")).lstrip("+")
+        label = variant_name("", r["strategy"], r["precision"], r.get("runtime_label", ""))
         # labels of neighbouring points are staggered vertically so that equal metrics stay readable
         rank = sorted(range(len(points)), key=lambda j: points[j][0]).index(i)
         ax.annotate(label, (q, m), textcoords="offset points", xytext=(5, 6 + 11 * (rank % 4)), fontsize=8)
@@ -256,25 +257,31 @@ def time_section(minutes: dict[str, dict[str, float]]) -> str:
     return "\n## Wall-clock minutes per task and stage\n" + "\n".join(lines) + "\n"
 
 
-def model_label(results: list[dict]) -> str:
-    """The model named in the rows: the runs' model, or their models joined in the order seen where tasks used
-    different ones (the quick start's per-task depths, a sweep over `model=`)."""
-    return " / ".join(dict.fromkeys(r["model"] for r in results))
+def task_models(results: list[dict]) -> dict[str, str]:
+    """Each task's model, or its models joined in the order seen (a sweep over `model=`)."""
+    seen: dict[str, dict[str, None]] = {}
+    for r in results:
+        seen.setdefault(r["task"], {})[r["model"]] = None
+    return {task: " / ".join(models) for task, models in seen.items()}
 
 
 def write_report(results: list[dict], out_dir: Path, parent=None, budget: float = 0.5,
                  minutes: dict[str, dict[str, float]] | None = None) -> Path:
     """results.md and one Pareto PNG per task into `out_dir`, also logged on `parent` (anything with a TrackedRun's
-    `log_text`/`log_artifact`). `minutes` (task -> stage -> minutes) adds the main job's time table."""
+    `log_text`/`log_artifact`). `minutes` (task -> stage -> minutes) adds the main job's time table. Where tasks
+    ran different models (the quick start's per-task depths), a line names each task's and the rows name none."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = model_label(results)
-    markdown = seed_table(results, model) + engine_comparison(results) + engine_ranking(results, model, budget)
+    models = task_models(results)
+    model = next(iter(models.values())) if len(set(models.values())) == 1 else ""
+    markdown = ""
+    if not model:
+        markdown = "Models: " + ", ".join(f"{TASK_TITLES.get(t, t)} {m}" for t, m in models.items()) + "\n\n"
+        console.print(markdown.strip())
+    markdown += seed_table(results, model) + engine_comparison(results) + engine_ranking(results, model, budget)
     if minutes:
         markdown += time_section(minutes)
     (out_dir / "results.md").write_text(markdown, encoding="utf-8")
-    tasks = dict.fromkeys(r["task"] for r in results)
-    charts = [pareto_chart(results, t, model_label([r for r in results if r["task"] == t]), out_dir / f"pareto_{t}.png")
-              for t in tasks]
+    charts = [pareto_chart(results, t, m, out_dir / f"pareto_{t}.png") for t, m in models.items()]
     if parent is not None:
         parent.log_text(markdown, "results.md")
         for chart in charts:

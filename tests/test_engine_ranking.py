@@ -2,7 +2,7 @@
 the roofline figures beside each QPS."""
 from __future__ import annotations
 
-from ernie_lab.results import engine_ranking, model_label, seed_table, within_budget, write_report
+from ernie_lab.results import engine_ranking, seed_table, task_models, within_budget, write_report
 
 
 def result(task, strategy, precision, qps, metric, label="", gflops=None, pct=None, model="m"):
@@ -61,6 +61,9 @@ def test_report_names_each_model_where_tasks_used_different_ones(tmp_path):
     results = [result("tnews", "none", "fp32", 20.0, 50.0, model="e5-small-zh-l4"),
                result("msra_ner", "none", "fp32", 10.0, 30.0, model="e5-small-zh-l2"),
                result("msra_ner", "none", "int8", 25.0, 29.8, label="openvino ptq", model="e5-small-zh-l2")]
+    assert task_models(results) == {"tnews": "e5-small-zh-l4", "msra_ner": "e5-small-zh-l2"}
     text = write_report(results, tmp_path).read_text()
-    assert "| e5-small-zh-l4 / e5-small-zh-l2+FP32 |" in text
-    assert model_label([r for r in results if r["task"] == "msra_ner"]) == "e5-small-zh-l2"
+    assert text.startswith("Models: TNEWS e5-small-zh-l4, MSRA_NER e5-small-zh-l2\n")
+    assert "| FP32 | 20.00 (1.0x) | 50.00 |" in text and "| INT8 [openvino ptq] | - | - | 25.00 (2.5x)" in text
+    single = write_report([r for r in results if r["task"] == "msra_ner"], tmp_path / "one").read_text()
+    assert single.startswith("| variant") and "| e5-small-zh-l2+FP32 |" in single
