@@ -167,9 +167,14 @@ def cpu_vendor() -> str:
     return _cpuinfo_field("vendor_id")
 
 
+def cpu_flag_set() -> set[str]:
+    """Every flag of /proc/cpuinfo's `flags` line (empty where there is none)."""
+    return set(_cpuinfo_field("flags").split())
+
+
 def cpu_flags() -> dict[str, bool]:
     """The instruction-set extensions that decide INT8/BF16 speed (logged with every benchmark)."""
-    flags = set(_cpuinfo_field("flags").split())
+    flags = cpu_flag_set()
     return {name: name in flags for name in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")}
 
 
@@ -236,7 +241,7 @@ VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 def has_vnni() -> bool:
-    flags = set(_cpuinfo_field("flags").split())
+    flags = cpu_flag_set()
     return any(f in flags for f in VNNI_FLAGS)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ernie_lab import artifacts
+from ernie_lab.runtime import cpu_flag_set
 
 # Which probe measures a precision's peak (a precision without one logs perf/gflops and no roofline percentage).
 PEAK_OF = {"fp32": "fp32", "int8": "int8", "bf16": "bf16"}
@@ -71,12 +72,6 @@ def pass_flops(shapes: dict, batch_shapes: Sequence[tuple[int, int]]) -> int:
 
 
 # ---- the CPU's peak ---------------------------------------------------------------------------------------------
-def cpu_flag_set() -> set[str]:
-    from ernie_lab.runtime import _cpuinfo_field
-
-    return set(_cpuinfo_field("flags").split())
-
-
 def isa_name(flags: set[str]) -> str:
     """The widest matrix/vector instruction set the GEMM kernels can use on this CPU."""
     if flags & {"amx_int8", "amx_bf16"}:
