@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
+from ernie_lab.architecture import check_vocab, ernie_config
 from ernie_lab.errors import ConfigError, MissingArtifactError
 
 log = logging.getLogger(__name__)
@@ -292,7 +293,6 @@ def convert(model_cfg: DictConfig, target: Path, record: dict) -> None:
     from paddlenlp.transformers import ErnieTokenizer
 
     from ernie_lab.artifacts import atomic_dir, now_iso
-    from ernie_lab.modeling import check_vocab, ernie_config
 
     source = package_file(model_cfg.package)
     log.info("converting %s (%s %s) into %s", source.name, record["package"], record["version"], target)
