@@ -14,5 +14,5 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    prepare_cli()
+    prepare_cli(stage="compress")
     main()

@@ -28,7 +28,7 @@ from typing import Iterator
 
 from omegaconf import DictConfig
 
-from ernie_lab.errors import MissingArtifactError
+from ernie_lab.errors import ConfigError, MissingArtifactError
 
 MANIFEST = "manifest.json"
 # A static Paddle Inference model as compress.py writes it and every engine reads it.
@@ -186,3 +186,49 @@ def read_manifest(directory: Path, made_by: str) -> dict:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def make_command(script: str, cfg: DictConfig, *extra: str) -> str:
+    """The command that makes a missing artifact for this config: `model=` only where the model's name is a
+    config option (the quick start's e5-small-zh-l4 is `model=e5-small-zh-quickstart`, the default)."""
+    from ernie_lab.config import CONF_DIR
+
+    model = f" model={cfg.model.name}" if (CONF_DIR / "model" / f"{cfg.model.name}.yaml").is_file() else ""
+    return f"python {script} task={cfg.task.name}{model} {' '.join(extra)}".rstrip()
+
+
+def resolve_export(cfg: DictConfig) -> tuple[Path, dict]:
+    """The export a (strategy, precision) pair runs on: INT8 precisions use the strategy's quantized counterpart,
+    except on a runtime that quantizes the float export itself (`runtime.quantizes_float_export`: ONNX Runtime,
+    OpenVINO). Checked for every job of a sweep before the first starts (ernie_lab.cli), and again by infer."""
+    strategy = cfg.strategy
+    weights = cfg.precision.weights
+    if weights == "int8" and cfg.runtime.get("quantizes_float_export"):
+        if weights_kind(strategy) == "int8":
+            raise ConfigError(
+                f"runtime={cfg.runtime.name} quantizes the float export itself, and strategy={strategy.name} holds "
+                f"Paddle's INT8 model; use precision=int8 with a float strategy (none, dynabert)"
+            )
+        name, weights = strategy.name, "float"
+    elif weights == "int8":
+        name = strategy.name if weights_kind(strategy) == "int8" else strategy.int8_counterpart
+    else:
+        if weights_kind(strategy) == "int8":
+            raise ConfigError(
+                f"strategy={strategy.name} holds an INT8 model, which precision={cfg.precision.name} cannot run; "
+                f"use precision=int8, or the float export (strategy=none) for precision={cfg.precision.name}"
+            )
+        name = strategy.name
+    directory = export_dir(cfg, name)
+    made_by = make_command("compress.py", cfg, f"strategy={name}")
+    if prunes(strategy):
+        made_by += f" prune.width_mult={cfg.prune.width_mult}"
+    manifest = read_manifest(directory, made_by)
+    if manifest.get("task") != cfg.task.name or manifest.get("model") != cfg.model.name:
+        raise MissingArtifactError(
+            f"{directory} holds a {manifest.get('task')}/{manifest.get('model')} export, not "
+            f"{cfg.task.name}/{cfg.model.name}; re-run `{made_by}`"
+        )
+    if manifest.get("weights") != weights:
+        raise MissingArtifactError(f"{directory} holds {manifest.get('weights')} weights; precision={cfg.precision.name} needs {weights}")
+    return directory, manifest

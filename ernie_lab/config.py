@@ -2,10 +2,11 @@
 that names the valid keys when one is unknown (Hydra's own message does not list them)."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from ernie_lab.errors import ConfigError
 
@@ -54,49 +55,105 @@ def check_overrides(argv: Iterable[str], config_name: str = "config") -> None:
     except Exception:  # malformed syntax: Hydra reports it with its own pointer into the string
         return
     _check_keys(overrides, config_name)
-    _check_values(overrides, config_name)
+    _check_values(args, config_name)
 
 
-def _compose(config_name: str, overrides: list[str]) -> DictConfig | None:
-    """The config as a job would get it (no Hydra section), or None if Hydra itself will refuse the overrides."""
+def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
+    """The config a job gets from these overrides (no Hydra section), composed outside any Hydra app (the
+    pre-flight, tests), with runtime=auto already replaced by its engine."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
+    GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name=config_name, overrides=overrides)
-    except Exception:  # a bad group choice or syntax: Hydra's own message names it
-        return None
+            cfg = compose(config_name=config_name, overrides=overrides)
+            return resolve_runtime(cfg, overrides, lambda more: compose(config_name=config_name, overrides=more))
     finally:
         GlobalHydra.instance().clear()
 
 
-def _check_values(overrides: list, config_name: str) -> None:
-    """Every value of the composed config against ernie_lab.schema; for a sweep (`a=1,2`), every combination of
-    one swept value with the first of the others, so that no job of a multirun can start with a bad value."""
-    from ernie_lab.schema import validate
+def resolve_runtime(cfg: DictConfig, overrides: list[str], compose: Callable[[list[str]], DictConfig]) -> DictConfig:
+    """A config composed with runtime=auto, composed again (`compose(overrides)`) on the engine that
+    `runtime.auto_runtime` picks for its precision, so that the user's `runtime.*` overrides and an experiment's
+    apply to that engine's own config; `runtime.requested` and `runtime.reason` record the choice. Any other
+    config is returned as it is. A precision nothing here can run raises ConfigError saying what to run instead."""
+    from ernie_lab.runtime import AUTO, auto_runtime
 
-    base, alternatives = [], []
-    for ov in (o for o in overrides if not o.key_or_group.startswith("hydra")):
+    if OmegaConf.select(cfg, "runtime.name") != AUTO:
+        return cfg
+    engine, why = auto_runtime(cfg.precision.name)
+    resolved = compose([*overrides, f"runtime={engine}"])  # the last choice of a group wins
+    with open_dict(resolved):
+        resolved.runtime.requested = AUTO
+        resolved.runtime.reason = why
+    return resolved
+
+
+def _compose(config_name: str, overrides: list[str], resolve: bool = True) -> DictConfig | None:
+    """As compose_config, or None if Hydra itself will refuse the overrides (its own message names the problem).
+    With `resolve`, a runtime=auto that cannot pick an engine stays auto: the pre-flight reports that per job."""
+    try:
+        return compose_config(config_name, overrides)
+    except ConfigError:
+        if not resolve:
+            raise
+        return _compose(config_name, [*overrides, "runtime=cpu"], resolve=False)
+    except Exception:  # a bad group choice or syntax
+        return None
+
+
+# More jobs than this are checked one swept value at a time (each with the first of the other sweeps).
+MAX_CHECKED_JOBS = 64
+
+
+def sweep_jobs(argv: Iterable[str]) -> list[list[str]]:
+    """The jobs of a command line, each as its list of overrides, in the order Hydra's basic sweeper runs them
+    (the cartesian product of the comma sweeps). A sweep that cannot be listed here (ranges, globs: Hydra expands
+    them itself) stays as written, and such jobs are left to their own check; more than MAX_CHECKED_JOBS jobs are
+    reduced to one per swept value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except Exception:  # malformed syntax: Hydra reports it with its own pointer into the string
+        return [args]
+    choices: list[list[str]] = []
+    for ov in overrides:
+        values = None
         if ov.is_sweep_override():
             try:
                 values = list(ov.sweep_string_iterator())
-            except Exception:  # ranges and globs Hydra expands itself: leave them to the job's own check
-                values = []
-            if not values:
-                continue
-            lhs = ov.input_line.split("=", 1)[0]
-            base.append(f"{lhs}={values[0]}")
-            alternatives += [(len(base) - 1, f"{lhs}={v}") for v in values[1:]]
-        else:
-            base.append(ov.input_line)
-    for position, replacement in [(None, None), *alternatives]:
-        args = list(base)
-        if position is not None:
-            args[position] = replacement
-        cfg = _compose(config_name, args)
+            except Exception:  # ranges and globs Hydra expands itself: left to the job's own check
+                values = None
+        lhs = ov.input_line.split("=", 1)[0]
+        choices.append([f"{lhs}={v}" for v in values] if values else [ov.input_line])
+    count = 1
+    for c in choices:
+        count *= len(c)
+    if count <= MAX_CHECKED_JOBS:
+        return [list(job) for job in itertools.product(*choices)]
+    first = [c[0] for c in choices]
+    jobs = [first]
+    for i, c in enumerate(choices):
+        jobs += [first[:i] + [v] + first[i + 1:] for v in c[1:]]
+    return jobs
+
+
+def swept_part(job: list[str], argv: Iterable[str]) -> str:
+    """The overrides that tell one job of a sweep from the others (`task=tnews precision=fp16`)."""
+    fixed = set(argv)
+    return " ".join(o for o in job if o not in fixed and not o.startswith("hydra")) or " ".join(job)
+
+
+def _check_values(argv: list[str], config_name: str) -> None:
+    """Every value of every job's composed config against ernie_lab.schema, so that no job of a multirun can start
+    with a bad value."""
+    from ernie_lab.schema import validate
+
+    for job in sweep_jobs(argv):
+        cfg = _compose(config_name, [o for o in job if not o.startswith("hydra")])
         if cfg is not None:
             validate(cfg)
 

@@ -16,16 +16,20 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ernie_lab.cli import call_stage, check_config, command_errors, prepare_cli, prepare_runtime
-from ernie_lab.errors import ErnieLabError
+from ernie_lab.config import resolve_runtime
+from ernie_lab.errors import ConfigError, ErnieLabError
 from ernie_lab.reporting import console, table
 from ernie_lab.results import time_rows, write_report
 from ernie_lab.tracking import close_failed, end_run, start_parent_run, tracked_run
 
 
 def _stage_config(user_overrides: list[str], extra: list[str]) -> DictConfig:
+    """A stage's config, with runtime=auto replaced by the engine it picks for the stage's precision."""
     from hydra import compose
 
-    return compose(config_name="pipeline", overrides=user_overrides + extra)
+    overrides = user_overrides + extra
+    cfg = compose(config_name="pipeline", overrides=overrides)
+    return resolve_runtime(cfg, overrides, lambda more: compose(config_name="pipeline", overrides=more))
 
 
 @dataclass(frozen=True)
@@ -43,27 +47,34 @@ class Variant:
 
     @property
     def reads_paddle_int8(self) -> bool:
-        """INT8 on Paddle Inference runs the strategy's quantized export (benchmark.resolve_export's rule)."""
+        """INT8 on Paddle Inference runs the strategy's quantized export (artifacts.resolve_export's rule)."""
         return self.precision == "int8" and not self.quantizes_float_export
 
 
 def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
     from ernie_lab import runtime
 
+    cfg = _stage_config(user_overrides, [])  # runtime=auto: this process trains on the FP32 pick (the CPU or a GPU)
     p = cfg.pipeline
     check_config(cfg)
     for task in p.tasks:  # each task's stages read its own values (e.g. experiment=quickstart's per-task table)
         check_config(_stage_config(user_overrides, [f"task={task}"]))
     prepare_runtime(cfg, "pipeline")  # this process trains; benchmarks run in children
     int8_engine = int8_runtime(cfg)
-    if int8_engine != cfg.runtime.name:
-        console.print(f"INT8 rows on runtime={int8_engine} (pipeline.int8_runtime={p.int8_runtime})")
+    int8_shown = int8_engine or runtime.auto_runtime("int8")[0]
+    console.print(f"INT8 rows on runtime={int8_shown} (pipeline.int8_runtime={p.int8_runtime})")
     variants, skipped = [], []
     for strategy, precision, *extra in p.variants:
-        if precision == "int8" and int8_engine != cfg.runtime.name and not any(e.startswith("runtime=") for e in extra):
+        if precision == "int8" and int8_engine and not any(e.startswith("runtime=") for e in extra):
             extra = [f"runtime={int8_engine}", *extra]
         # a variant may bring overrides of its own, e.g. `runtime=onnxruntime runtime.int8_mode=static`
-        variant_cfg = _stage_config(user_overrides, list(extra)) if extra else cfg
+        name = "/".join([strategy, precision, *extra])
+        try:
+            variant_cfg = _stage_config(user_overrides, [f"precision={precision}", *extra])
+        except ConfigError as exc:  # runtime=auto finds no engine for the precision here: leave the row out
+            skipped.append(f"{name}: {exc}")
+            console.print(f"[yellow]skipping {name}:[/] {exc}")
+            continue
         check_config(variant_cfg)
         rt_cfg = variant_cfg.runtime
         variant = Variant(strategy, precision, tuple(extra), bool(rt_cfg.get("quantizes_float_export", False)))
@@ -76,7 +87,7 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
             variants.append(variant)
     strategies = needed_strategies(p.strategies, variants, user_overrides)
     parent = start_parent_run(cfg, "pipeline", {"sweep_command": "python -m ernie_lab.pipeline " + " ".join(user_overrides),
-                                                "int8_runtime": int8_engine})
+                                                "int8_runtime": int8_shown})
     try:
         return _run_stages(cfg, user_overrides, parent, strategies, variants, skipped)
     except BaseException as exc:  # stopped (KILLED) or crashed (FAILED): the parent run must not stay RUNNING
@@ -84,19 +95,21 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
         raise
 
 
-def int8_runtime(cfg: DictConfig) -> str:
-    """The engine of the INT8 rows that name none. `auto`: OpenVINO's NNCF INT8 on CPUs with VNNI (fastest and
-    within 0.3 point there), ONNX Runtime's dynamic INT8 (7-bit weights) on CPUs without, where OpenVINO's INT8 runs
-    at half its FP32 speed. Paddle's oneDNN INT8 (the seed's) loses ~9 MSRA_NER F1 points with VNNI or without
-    (README, "Precisions on CPU"). A pipeline on another runtime keeps its own."""
+def int8_runtime(cfg: DictConfig) -> str | None:
+    """The runtime the INT8 rows that name none are pinned to, or None where runtime=auto picks it per row by the
+    same rule (`runtime.auto_runtime`: OpenVINO's NNCF INT8 on CPUs with VNNI, ONNX Runtime's dynamic INT8
+    elsewhere; Paddle's oneDNN INT8, the seed's, loses ~9 MSRA_NER F1 points with VNNI or without). A pipeline
+    on runtime=cpu asks the rule too; one on another runtime keeps its own."""
     from ernie_lab import runtime
 
     choice = cfg.pipeline.int8_runtime
     if choice != "auto":
         return choice
+    if cfg.runtime.get("requested") == runtime.AUTO:
+        return None
     if cfg.runtime.name != "cpu":
         return cfg.runtime.name
-    return "openvino" if runtime.has_vnni() else "onnxruntime"
+    return runtime.auto_runtime("int8")[0]
 
 
 def needed_strategies(strategies, variants: list[Variant], user_overrides: list[str]) -> list[str]:

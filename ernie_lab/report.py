@@ -17,6 +17,7 @@ from ernie_lab.cli import check_config, command_errors, prepare_cli
 from ernie_lab.errors import MissingArtifactError
 from ernie_lab.reporting import console
 from ernie_lab.results import results_from_runs, write_report
+from ernie_lab.sweep import with_fp32_baselines
 from ernie_lab.tracking import attach_run, find_runs
 
 
@@ -47,7 +48,7 @@ def make_report(cfg: DictConfig) -> Path:
     from hydra.core.hydra_config import HydraConfig
 
     runs, sweep = select_runs(cfg)
-    results = results_from_runs(runs)
+    results = with_fp32_baselines(results_from_runs(runs), cfg.tracking)
     parent = attach_run(cfg.tracking, sweep) if sweep else None
     out_dir = Path(cfg.report.output_dir or HydraConfig.get().runtime.output_dir)
     path = write_report(results, out_dir, parent)

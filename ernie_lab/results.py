@@ -30,6 +30,10 @@ def results_from_runs(runs: list) -> list[dict]:
         out.append({
             "task": tags["task"],
             "model": tags.get("model", ""),
+            "model_init": tags.get("model_init", ""),
+            "eval_examples": run.data.params.get("data.eval_examples"),
+            "runtime_choice": tags.get("runtime_choice", ""),
+            "run_name": run.info.run_name,
             "strategy": tags.get("export_strategy", tags["strategy"]),
             "precision": tags["precision"],
             "device": tags.get("device", "cpu"),
@@ -55,6 +59,39 @@ def _baselines(results: list[dict], task: str) -> dict[str, dict]:
     return out
 
 
+def missing_baselines(results: list[dict]) -> list[dict]:
+    """Per task whose results have no Paddle Inference FP32 run of the unpruned model: what a baseline for it must
+    match (task, model, model_init, eval_examples), e.g. an FP16/INT8 sweep run after the main job."""
+    wanted = []
+    for task in dict.fromkeys(r["task"] for r in results):
+        if _baselines(results, task).get("cpu/fp32") is None:
+            first = next(r for r in results if r["task"] == task)
+            wanted.append({k: first.get(k) for k in ("task", "model", "model_init", "eval_examples")})
+    return wanted
+
+
+def borrowed_note(results: list[dict]) -> str:
+    """Names the runs whose FP32 rows came from outside the sweep (`borrowed_from`)."""
+    lines = [f"- {TASK_TITLES.get(r['task'], r['task'])}: {r['borrowed_from']}" for r in results if r.get("borrowed_from")]
+    if not lines:
+        return ""
+    return ("\nFP32 rows not run in this sweep, taken from this machine's latest finished run of the same model and eval "
+            "examples:\n" + "\n".join(lines) + "\n")
+
+
+def engine_choices(results: list[dict]) -> str:
+    """Which engine runtime=auto picked for each precision of the sweep, and why (the runs' `runtime_choice`)."""
+    seen: dict[tuple[str, str], str] = {}
+    for r in results:
+        if r.get("runtime_choice") and not r.get("borrowed_from"):
+            engine = ENGINE_TITLES.get(engine_of(r), engine_of(r))
+            seen.setdefault((r["precision"], engine), r["runtime_choice"])
+    if not seen:
+        return ""
+    lines = [f"- {precision.upper()} on {engine}: {why}" for (precision, engine), why in seen.items()]
+    return "\n## Engines picked by runtime=auto\n" + "\n".join(lines) + "\n"
+
+
 def seed_table(results: list[dict], model: str) -> str:
     """Rows: variants; columns: per task QPS (speedup over the same run's FP32 on the same device, and over FP16
     where there is one) and the metric (delta against that FP32). Prints it with rich and returns Markdown."""
@@ -71,6 +108,8 @@ def seed_table(results: list[dict], model: str) -> str:
     for key in variants:
         device, label, strategy, precision = key
         row = [variant_name(model, strategy, precision, label) + (" (GPU)" if device == "gpu" else "")]
+        if any(r.get("borrowed_from") for r in results if _key(r) == key):
+            row[0] += " (earlier run)"
         for t in tasks:
             r = by_key.get((t, *key))
             if r is None:
@@ -277,7 +316,8 @@ def write_report(results: list[dict], out_dir: Path, parent=None, budget: float 
     if not model:
         markdown = "Models: " + ", ".join(f"{TASK_TITLES.get(t, t)} {m}" for t, m in models.items()) + "\n\n"
         console.print(markdown.strip())
-    markdown += seed_table(results, model) + engine_comparison(results) + engine_ranking(results, model, budget)
+    markdown += seed_table(results, model) + borrowed_note(results) + engine_choices(results)
+    markdown += engine_comparison(results) + engine_ranking(results, model, budget)
     if minutes:
         markdown += time_section(minutes)
     (out_dir / "results.md").write_text(markdown, encoding="utf-8")

@@ -15,6 +15,8 @@ from ernie_lab.errors import ConfigError, check_choice
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("cpu", "gpu", "onnxruntime", "openvino")
+# runtime=auto is not an engine: it is replaced by one of RUNTIMES (auto_runtime) before a stage uses its config.
+AUTO = "auto"
 # Paddle Inference runtimes: their rows carry no runtime label, and their FP32 row is the baseline.
 PADDLE_RUNTIMES = ("cpu", "gpu")
 
@@ -24,6 +26,8 @@ def runtime_label(runtime: str, precision: str, int8_mode: str | None) -> str:
     `onnxruntime dynamic` (the results tables read it back to tell engines apart)."""
     if runtime in PADDLE_RUNTIMES:
         return ""
+    if precision == "fp16" and runtime == "openvino":  # f16 on the CPU: native (AMX-FP16) or converted
+        return f"{runtime} {fp16_arithmetic() or 'f32 (no FP16 here)'}"
     return f"{runtime} {int8_mode}" if precision == "int8" and int8_mode else runtime
 
 
@@ -34,7 +38,8 @@ def check_precision(runtime: DictConfig, precision: str) -> None:
         if precision == "fp16" and runtime.name == "cpu":
             raise ConfigError(
                 "precision=fp16 cannot run on runtime=cpu: Paddle Inference has no FP16 CPU kernels. "
-                "Use precision=bf16 on a CPU with AVX512-BF16/AMX, or runtime=gpu for fp16."
+                "Use runtime=auto (OpenVINO f16 on CPUs with AVX512-FP16/AMX-FP16, else the GPU), "
+                "precision=bf16 on a CPU with AVX512-BF16/AMX, or runtime=gpu."
             )
         if precision == "bf16" and runtime.device == "gpu":
             raise ConfigError(
@@ -57,6 +62,10 @@ def check_precision(runtime: DictConfig, precision: str) -> None:
 
 def hardware_gap(runtime: DictConfig, precision: str) -> str | None:
     """Why this machine cannot run a precision that its runtime supports in general, or None."""
+    if precision == "fp16" and runtime.device == "cpu" and fp16_arithmetic() is None:
+        # OpenVINO's CPU plugin would quietly keep f32 and the row would be mislabelled.
+        return (f"precision=fp16 needs a CPU with FP16 arithmetic ({' or '.join(FP16_FLAGS)}); this one "
+                f"({cpu_model()}) has neither, and runtime={runtime.name} would run f32 instead. {instead('fp16')}")
     if precision == "bf16" and runtime.device == "cpu":
         if not has_bf16():
             # Paddle Inference would quietly fall back to FP32 and the run would be mislabelled.
@@ -69,6 +78,27 @@ def hardware_gap(runtime: DictConfig, precision: str) -> str | None:
     return None
 
 
+NO_GPU_BUILD = ("runtime=gpu needs paddlepaddle-gpu, but this environment has the CPU build of paddlepaddle. "
+                "Install the GPU stack with `make setup DEVICE=gpu` (scripts/setup.sh gpu), or use runtime=cpu.")
+
+
+def gpu_presence_gap() -> str | None:
+    """Why runtime=gpu cannot run here, as far as can be told without importing paddle (a sweep's pre-flight,
+    runtime=auto); None does not promise a working GPU: gpu_gap, in the job, checks the rest."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("paddlepaddle-gpu")
+    except PackageNotFoundError:
+        return NO_GPU_BUILD
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = "/proc/driver/nvidia/gpus"
+    if visible in ("", "-1") or not (os.path.isdir(gpus) and os.listdir(gpus)):
+        return (f"runtime=gpu: no NVIDIA GPU is visible (CUDA_VISIBLE_DEVICES={visible if visible is not None else '<unset>'}; "
+                "`nvidia-smi` should list one, with a driver loaded). Use runtime=cpu on this machine.")
+    return None
+
+
 def gpu_gap(runtime: DictConfig, tensorrt: bool) -> str | None:
     """Why this process cannot run paddle on `runtime.gpu_id` (with TensorRT if `tensorrt`), or None.
     Imports paddle: call after the thread settings of `prepare`."""
@@ -76,10 +106,7 @@ def gpu_gap(runtime: DictConfig, tensorrt: bool) -> str | None:
     from paddle import inference
 
     if not paddle.device.is_compiled_with_cuda():
-        return (
-            "runtime=gpu needs paddlepaddle-gpu, but this environment has the CPU build of paddlepaddle. "
-            "Install the GPU stack with `make setup DEVICE=gpu` (scripts/setup.sh gpu), or use runtime=cpu."
-        )
+        return NO_GPU_BUILD
     count = paddle.device.cuda.device_count()
     if count == 0:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
@@ -175,7 +202,8 @@ def cpu_flag_set() -> set[str]:
 def cpu_flags() -> dict[str, bool]:
     """The instruction-set extensions that decide INT8/BF16 speed (logged with every benchmark)."""
     flags = cpu_flag_set()
-    return {name: name in flags for name in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")}
+    return {name: name in flags for name in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                                             "amx_int8", "amx_bf16", "amx_fp16")}
 
 
 def _set_ftz_daz() -> bool:
@@ -252,3 +280,70 @@ def has_bf16() -> bool:
     """bf16 GEMM instructions; without them oneDNN and OpenVINO quietly run "bf16" in fp32."""
     flags = cpu_flags()
     return any(flags.get(f) for f in BF16_FLAGS)
+
+
+# FP16 arithmetic on the CPU: AMX-FP16 multiplies FP16 tiles natively; AVX512-FP16 has FP16 vector math, with which
+# OpenVINO compiles an f16 model but (on Sapphire Rapids) converts around its GEMMs, slower than f32 (issue #18).
+FP16_FLAGS = ("avx512_fp16", "amx_fp16")
+
+
+def fp16_arithmetic(flags: set[str] | None = None) -> str | None:
+    """`native` (AMX-FP16), `converted` (AVX512-FP16 only) or None: no FP16 arithmetic on this CPU."""
+    flags = cpu_flag_set() if flags is None else flags
+    if "amx_fp16" in flags:
+        return "native"
+    if "avx512_fp16" in flags:
+        return "converted"
+    return None
+
+
+def gpu_usable() -> bool:
+    """A CUDA build of paddle and an NVIDIA GPU the driver shows (runtime=auto's test; no paddle import)."""
+    return gpu_presence_gap() is None
+
+
+def instead(precision: str, flags: set[str] | None = None) -> str:
+    """What to run on this machine in place of a precision it cannot run."""
+    flags = cpu_flag_set() if flags is None else flags
+    if precision == "fp16" and any(f in flags for f in BF16_FLAGS):
+        return "Run precision=bf16 instead (this CPU has BF16 arithmetic), or precision=fp32 / int8."
+    return "Run precision=fp32 or precision=int8 instead."
+
+
+# Which engine runs BF16 best, by the CPU's BF16 units (measured, README "Engines and precisions"): with AMX,
+# Paddle's oneDNN BF16 ran at the probed bf16 peak at Medium size, where OpenVINO BF16 crashed (issue #20); with
+# AVX512-BF16 alone (Zen 4), see BF16_ENGINE_AVX512.
+BF16_ENGINE_AMX = "cpu"
+BF16_ENGINE_AVX512 = "openvino"
+
+
+def auto_runtime(precision: str, flags: set[str] | None = None, gpu: bool | None = None) -> tuple[str, str]:
+    """runtime=auto's one rule: (runtime, why) for a precision on this machine, or a ConfigError naming what
+    to run instead. The main job's pipeline.int8_runtime=auto asks the same question for its INT8 rows."""
+    flags = cpu_flag_set() if flags is None else flags
+    gpu = gpu_usable() if gpu is None else gpu
+    if gpu and precision in ("fp32", "fp16", "int8"):
+        return "gpu", "a GPU is usable: Paddle Inference with TensorRT"
+    if precision == "fp32":
+        return "cpu", "FP32 on Paddle Inference (oneDNN), the baseline every other row is measured against"
+    if precision == "int8":
+        vnni = [f for f in VNNI_FLAGS if f in flags]
+        if vnni:
+            return "openvino", (f"CPU has VNNI ({vnni[0]}): OpenVINO's NNCF INT8 kept accuracy within 0.3 point and "
+                                "ran fastest; Paddle's oneDNN INT8 lost ~9 MSRA_NER F1")
+        return "onnxruntime", ("CPU has no VNNI: ONNX Runtime's dynamic INT8 (7-bit weights) kept accuracy within 0.3 "
+                               "point; OpenVINO INT8 ran at half its FP32 speed and Paddle's lost ~9 MSRA_NER F1")
+    if precision == "bf16":
+        if "amx_bf16" in flags:
+            return BF16_ENGINE_AMX, "CPU has AMX-BF16: Paddle's oneDNN BF16 runs at the bf16 GEMM peak there"
+        if "avx512_bf16" in flags:
+            return BF16_ENGINE_AVX512, "CPU has AVX512-BF16 (no AMX): OpenVINO BF16 measured faster than Paddle's here"
+        raise ConfigError(f"precision=bf16 needs a CPU with {' or '.join(BF16_FLAGS)}; this one ({cpu_model()}) has "
+                          f"neither. {instead('bf16', flags)}")
+    if precision == "fp16":
+        kind = fp16_arithmetic(flags)
+        if kind is not None:
+            return "openvino", f"CPU has FP16 arithmetic ({kind}): OpenVINO at f16 inference precision"
+        raise ConfigError(f"precision=fp16 needs a GPU or a CPU with FP16 arithmetic ({' or '.join(FP16_FLAGS)}); "
+                          f"this machine ({cpu_model()}) has neither. {instead('fp16', flags)}")
+    raise ConfigError(f"precision={precision!r} has no engine on this machine; choose one of: fp32, int8, bf16, fp16")

@@ -211,6 +211,9 @@ SCHEMA: dict[str, Rule] = {
     "precision.weights": Choice("float", "int8"),
     # runtime/
     "runtime.name": Str(nonempty=True),
+    # set when runtime=auto picked the engine (ernie_lab.config.resolve_runtime): what was asked, and why this one
+    "runtime.requested": Choice("auto"),
+    "runtime.reason": Str(nonempty=True),
     "runtime.engine": Choice("paddle", "onnxruntime", "openvino"),
     "runtime.device": Choice("cpu", "gpu"),
     "runtime.threads": COUNT,

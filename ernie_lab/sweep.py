@@ -6,13 +6,14 @@ from __future__ import annotations
 import atexit
 import os
 import platform
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from ernie_lab import signals
-from ernie_lab.results import results_from_runs, write_report
+from ernie_lab.results import missing_baselines, results_from_runs, write_report
 from ernie_lab.tracking import PARENT_RUN_ENV, SWEEP_ID_ENV, TrackedRun, attach_run, end_run, find_runs, start_parent_run
 
 try:
@@ -126,4 +127,30 @@ class SweepCallback(Callback):
         runs = find_runs(self.config.tracking, f"tags.sweep_id = '{parent.run_id}' and tags.stage = 'infer'")
         results = results_from_runs([r for r in runs if r.info.status == "FINISHED"])
         if results:
+            results = with_fp32_baselines(results, self.config.tracking)
             write_report(results, Path(self.config.hydra.sweep.dir), parent)
+
+
+def with_fp32_baselines(results: list[dict], tracking_cfg: DictConfig) -> list[dict]:
+    """`results` plus, for each task without its Paddle FP32 row (a sweep of `precision=fp16,int8` after the main
+    job), this machine's latest finished Paddle FP32 run of the same model, weights and eval examples, named in
+    `borrowed_from`: every speedup and delta of the report is then against this machine's FP32."""
+    extra = []
+    for want in missing_baselines(results):
+        runs = find_runs(tracking_cfg, f"tags.stage = 'infer' and tags.task = '{want['task']}' and "
+                                       f"tags.model = '{want['model']}' and tags.precision = 'fp32' and "
+                                       f"tags.runtime = 'cpu' and tags.host = '{platform.node()}' and "
+                                       f"attributes.status = 'FINISHED'")
+        same = [r for r in runs if r.data.tags.get("export_strategy", r.data.tags.get("strategy")) == "none"
+                and r.data.tags.get("model_init", "") == (want["model_init"] or "")
+                and r.data.params.get("data.eval_examples") == want["eval_examples"]]
+        if not same:
+            continue
+        run = max(same, key=lambda r: r.info.start_time)
+        (row,) = results_from_runs([run])
+        sweep = run.data.tags.get("sweep_id")
+        started = datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
+        row["borrowed_from"] = (f"run {run.info.run_name} ({run.info.run_id}, {started}"
+                                f"{f', sweep {sweep}' if sweep else ''})")
+        extra.append(row)
+    return extra + results  # the baselines first, as the first rows of the table

@@ -51,18 +51,26 @@ class _HeldClient:
         return call
 
 
+# MLflow 3's UI opens an experiment by its kind: without this tag it guesses "GenAI" and shows an (empty) traces
+# overview, with the runs table behind a switch; with it, the experiment opens on its runs table.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(tracking_cfg: DictConfig) -> str:
-    """Create the experiment once (before any parallel job would race to create it)."""
+    """Create the experiment once (before any parallel job would race to create it), tagged as model training."""
     client = _client(tracking_cfg)
     exp = client.get_experiment_by_name(tracking_cfg.experiment_name)
     if exp is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if exp.tags.get(key) != value:  # made by an older ernie-lab
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     location = tracking_cfg.artifact_location
     if location and "://" not in location:
         Path(location).mkdir(parents=True, exist_ok=True)
         location = Path(location).resolve().as_uri()
     try:
-        return client.create_experiment(tracking_cfg.experiment_name, artifact_location=location)
+        return client.create_experiment(tracking_cfg.experiment_name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # created meanwhile by a concurrent job
         return client.get_experiment_by_name(tracking_cfg.experiment_name).experiment_id
 
@@ -109,6 +117,17 @@ class TrackedRun:
         self.log_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), name)
 
 
+# The library that runs a runtime's models, as run names and the `engine` tag say it.
+ENGINE_NAMES = {"cpu": "paddle", "gpu": "paddle-trt"}
+
+
+def engine_name(runtime_cfg: DictConfig) -> str:
+    """`paddle` (runtime=cpu), `paddle-trt` (runtime=gpu; `paddle-gpu` without TensorRT), `onnxruntime`, `openvino`."""
+    if runtime_cfg.name == "gpu" and not runtime_cfg.get("tensorrt", {}).get("enabled", True):
+        return "paddle-gpu"
+    return ENGINE_NAMES.get(runtime_cfg.name, runtime_cfg.name)
+
+
 def run_tags(cfg: DictConfig, stage: str) -> dict[str, str]:
     tags = {
         "stage": stage,
@@ -122,6 +141,10 @@ def run_tags(cfg: DictConfig, stage: str) -> dict[str, str]:
     }
     if stage == "infer":  # training and export are precision-agnostic; only a benchmark run has one
         tags["precision"] = cfg.precision.name
+        tags["engine"] = engine_name(cfg.runtime)
+    if cfg.runtime.get("requested"):  # runtime=auto picked this engine: say why
+        tags["runtime_requested"] = cfg.runtime.requested
+        tags["runtime_choice"] = cfg.runtime.reason
     if cfg.model.init == "random":
         tags["weights_note"] = "offline: randomly initialised weights with the real ERNIE 3.0 vocabulary (no pretraining)"
     elif cfg.model.init == "package":
@@ -148,7 +171,8 @@ def tracked_run(cfg: DictConfig, stage: str, run_name: str | None = None,
     client = _client(cfg.tracking)
     exp_id = experiment_id(cfg.tracking)
     tags = run_tags(cfg, stage)
-    tags[MLFLOW_RUN_NAME] = run_name or "-".join([stage, cfg.task.name, cfg.model.name, cfg.strategy.name, tags.get("precision", "")]).rstrip("-")
+    tags[MLFLOW_RUN_NAME] = run_name or "-".join(
+        p for p in (stage, cfg.task.name, cfg.model.name, cfg.strategy.name, tags.get("precision"), tags.get("engine")) if p)
     parent = parent_run_id or os.environ.get(PARENT_RUN_ENV)
     if parent:
         tags[MLFLOW_PARENT_RUN_ID] = parent

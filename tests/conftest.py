@@ -8,10 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-
-from ernie_lab.config import CONF_DIR, PROJECT_ROOT
+from ernie_lab.config import PROJECT_ROOT, compose_config
 
 DATA_DIR = Path(os.environ.get("ERNIE_LAB_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 
@@ -25,10 +22,14 @@ def isolated_overrides(tmp: Path) -> list[str]:
     ]
 
 
+# The entry scripts start from the main job's experiment (quickstart) and runtime=auto; tests start from each task's
+# own recipe on Paddle Inference. A test's own experiment= or runtime= comes later and wins.
+SCRIPT_BASE = ["experiment=none", "runtime=cpu"]
+
+
 def make_cfg(overrides: list[str], config_name: str = "config"):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
+    """As a job of `config_name` composes it (runtime=auto resolved), from SCRIPT_BASE for the entry scripts."""
+    return compose_config(config_name, [*(SCRIPT_BASE if config_name == "config" else []), *overrides])
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +60,7 @@ def run_stage(cfg, stage: str, body):
 
 def run_script(script: str, *args: str, tmp: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run an entry script the way a user does, with outputs redirected into `tmp`."""
-    cmd = [sys.executable, str(PROJECT_ROOT / script), *args, *isolated_overrides(tmp)]
+    cmd = [sys.executable, str(PROJECT_ROOT / script), *SCRIPT_BASE, *args, *isolated_overrides(tmp)]
     return subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "COLUMNS": "200"})
 

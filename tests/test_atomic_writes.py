@@ -100,7 +100,7 @@ def test_a_killed_export_is_old_or_new_never_torn(tmp_path, monkeypatch, where, 
 
 
 def test_a_half_written_first_export_is_never_picked_up(tmp_path):
-    from ernie_lab.inference.benchmark import resolve_export
+    from ernie_lab.artifacts import resolve_export
 
     cfg = make_cfg(isolated_overrides(tmp_path) + ["model=tiny", "strategy=none", "precision=fp32"])
     final = artifacts.export_dir(cfg, "none")

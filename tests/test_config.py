@@ -6,11 +6,12 @@ from omegaconf import OmegaConf
 
 from ernie_lab.config import check_overrides, flatten, group_options
 from ernie_lab.errors import ConfigError
-from ernie_lab.runtime import check_precision, hardware_gap
+from ernie_lab.runtime import auto_runtime, check_precision, hardware_gap
 from tests.conftest import make_cfg, run_script
 
-# options whose `name` says what they composed to rather than repeating the option (outside the quick start's table)
-NAMED_BY_DEPTH = {("model", "e5-small-zh-quickstart"): "e5-small-zh-l2"}
+# options whose `name` says what they composed to rather than repeating the option: the model named by its depth
+# (outside the quick start's table), runtime=auto by the engine it picks for FP32 here
+NAMED_BY_DEPTH = {("model", "e5-small-zh-quickstart"): "e5-small-zh-l2", ("runtime", "auto"): auto_runtime("fp32")[0]}
 GROUPS = ["model", "task", "strategy", "runtime", "precision", "benchmark", "quantize", "tracking", "paths", "experiment"]
 
 
@@ -54,6 +55,9 @@ def test_every_value_a_group_option_sets_is_the_value_a_run_gets(group):
         cfg = make_cfg([f"{group}={option}"])
         root = cfg if is_global else cfg[group]
         for key, value in _literal_leaves(raw):
+            if (group, option, key) == ("runtime", "auto", "name"):
+                assert cfg.runtime.requested == "auto" and cfg.runtime.name == NAMED_BY_DEPTH[("runtime", "auto")]
+                continue
             got = OmegaConf.select(root, key)
             got = OmegaConf.to_container(got) if OmegaConf.is_list(got) else got
             assert got == value, f"{group}={option}: {key} is {got!r} in the composed config, the file says {value!r}"

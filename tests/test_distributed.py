@@ -9,13 +9,13 @@ from omegaconf import OmegaConf
 
 from ernie_lab.config import PROJECT_ROOT
 from ernie_lab.tracking import find_runs
-from tests.conftest import isolated_overrides
+from tests.conftest import SCRIPT_BASE, isolated_overrides
 
 
 def test_two_processes_train_one_model_and_only_rank_0_records_it(tmp_path):
     cmd = [
         sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(tmp_path / "logs"),
-        str(PROJECT_ROOT / "train.py"), "model=tiny", "task.data.limit.train=256", "task.data.limit.eval=64",
+        str(PROJECT_ROOT / "train.py"), *SCRIPT_BASE, "model=tiny", "task.data.limit.train=256", "task.data.limit.eval=64",
         "task.data.heldout_size=64", "train.epochs=2", "train.batch_size=32",
         "train.learning_rate=3e-3", "train.threads=1", *isolated_overrides(tmp_path),
     ]

@@ -92,7 +92,7 @@ def test_int8_models_agree_with_fp32(workdir, models, dev_feeds):
 
 def test_int8_on_onnxruntime_starts_from_the_float_export(workdir, exported):
     from ernie_lab.errors import ConfigError
-    from ernie_lab.inference.benchmark import resolve_export
+    from ernie_lab.artifacts import resolve_export
 
     directory, manifest = resolve_export(peer_cfg(workdir, *ORT, "precision=int8"))
     assert directory == exported and manifest["weights"] == "float"

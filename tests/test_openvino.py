@@ -96,6 +96,7 @@ def test_compile_properties_pin_precision_and_threads(workdir, tmp_path):
     assert props["NUM_STREAMS"] == "1" and props["CACHE_DIR"] == str(tmp_path)
     assert compile_properties(runtime, "int8", None)["INFERENCE_PRECISION_HINT"] == "f32"
     assert compile_properties(runtime, "bf16", None)["INFERENCE_PRECISION_HINT"] == "bf16"
+    assert compile_properties(runtime, "fp16", None)["INFERENCE_PRECISION_HINT"] == "f16"
     with pytest.raises(ConfigError, match="runtime.performance_hint='FAST' is not valid; choose one of: LATENCY, THROUGHPUT"):
         compile_properties(peer_cfg(workdir, *OV, "runtime.performance_hint=fast").runtime, "fp32", None)
 
@@ -151,11 +152,35 @@ def test_cache_is_reused_and_rebuilt_on_a_setting_a_version_or_a_new_export(work
     assert manifest["key"]["source"]["created_at"] == artifacts.read_manifest(exported, "")["created_at"]
 
 
-def test_fp16_on_openvino_is_refused_in_one_line(workdir):
-    result = run_script("infer.py", *OV, "precision=fp16", *PEER_TINY, tmp=workdir, timeout=120)
-    assert result.returncode == 2
-    errors = [line for line in result.stdout.splitlines() if "error" in line]
-    assert len(errors) == 1 and "valid there: fp32, int8, bf16" in errors[0], result.stdout[-2000:]
+def test_fp16_runs_only_where_the_cpu_has_fp16_arithmetic(workdir, exported):
+    from ernie_lab.runtime import fp16_arithmetic
+    from ernie_lab.tracking import find_runs
+
+    result = run_script("infer.py", *OV, "precision=fp16", *PEER_TINY, tmp=workdir, timeout=300)
+    kind = fp16_arithmetic()
+    if kind is None:  # OpenVINO would compile f32 and the row would be mislabelled
+        assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+        errors = [line for line in result.stdout.splitlines() if "error" in line]
+        assert len(errors) == 1 and "needs a CPU with FP16 arithmetic (avx512_fp16 or amx_fp16)" in errors[0], errors
+        assert not find_runs(peer_cfg(workdir).tracking, "tags.precision = 'fp16'")
+        return
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run,) = find_runs(peer_cfg(workdir).tracking, "tags.precision = 'fp16'")
+    assert run.data.tags["compiled_precision"] == "f16" and run.data.tags["fp16_arithmetic"] == kind
+
+
+def test_the_compiled_precision_is_read_back_not_assumed(workdir, models):
+    from ernie_lab.errors import ConfigError
+    from ernie_lab.inference.openvino_engine import OpenVinoBackend
+    from ernie_lab.runtime import fp16_arithmetic
+
+    runtime = peer_cfg(workdir, *OV).runtime
+    if fp16_arithmetic() is None:  # the CPU plugin quietly compiles the f16 hint as f32 here
+        with pytest.raises(ConfigError, match="at inference precision f32, not the f16 that precision=fp16 needs"):
+            OpenVinoBackend(models["fp32"], runtime, "fp16")
+    else:
+        assert OpenVinoBackend(models["fp32"], runtime, "fp16").properties["INFERENCE_PRECISION_HINT"] == "f16"
+    assert OpenVinoBackend(models["fp32"], runtime, "fp32").properties["INFERENCE_PRECISION_HINT"] == "f32"
 
 
 def test_infer_runs_int8_end_to_end(workdir, exported):

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from ernie_lab.config import PROJECT_ROOT
 from ernie_lab.tracking import find_runs
-from tests.conftest import DATA_DIR, isolated_overrides, make_cfg, run_script
+from tests.conftest import DATA_DIR, SCRIPT_BASE, isolated_overrides, make_cfg, run_script
 
 PARALLEL = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
 # a few steps of the tiny model on a few examples, one math thread per job (2 jobs share the cores)
@@ -32,7 +32,7 @@ def test_a_parallel_sweep_records_every_job_under_one_parent(tmp_path):
     # Each job gets its own artifacts directory (`${hydra:job.num}`, resolved in the job), so that two trainings
     # of the same model and task do not share `finetuned/` and `train_state/`: the setting the README recommends.
     overrides = [o for o in isolated_overrides(tmp_path) if not o.startswith("paths.artifacts_dir=")]
-    cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), *PARALLEL, *TINY_TRAIN, "train.learning_rate=1e-3,2e-3",
+    cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), *SCRIPT_BASE, *PARALLEL, *TINY_TRAIN, "train.learning_rate=1e-3,2e-3",
            f"paths.artifacts_dir={tmp_path}/artifacts/job${{hydra:job.num}}", *overrides]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     out = result.stdout + result.stderr

@@ -53,9 +53,12 @@ def test_int8_rows_run_where_int8_keeps_accuracy_and_unread_int8_exports_are_not
     variants = [pipeline.Variant(s, p, (), False)
                 for s, p in [("none", "fp32"), ("none", "int8"), ("dynabert", "fp32"), ("dynabert", "int8")]]
     strategies = ["none", "ptq", "dynabert", "dynabert_ptq"]
-    for vnni, expected in [(True, "openvino"), (False, "onnxruntime")]:
-        monkeypatch.setattr(runtime, "has_vnni", lambda vnni=vnni: vnni)
-        assert pipeline.int8_runtime(make_cfg([], config_name="pipeline")) == expected
+    # on the default runtime=auto each INT8 row gets runtime=auto's pick, with its reason; on runtime=cpu the same rule
+    assert pipeline.int8_runtime(make_cfg([], config_name="pipeline")) is None
+    for flags, expected in [({"avx2", "avx512_vnni"}, "openvino"), ({"avx2"}, "onnxruntime")]:
+        monkeypatch.setattr(runtime, "cpu_flag_set", lambda flags=flags: set(flags))
+        assert runtime.auto_runtime("int8", gpu=False)[0] == expected
+        assert pipeline.int8_runtime(make_cfg(["runtime=cpu"], config_name="pipeline")) == expected
     assert pipeline.int8_runtime(make_cfg(["pipeline.int8_runtime=cpu"], config_name="pipeline")) == "cpu"  # forced
     with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
         # Paddle INT8 reads the ptq exports; ONNX Runtime quantizes the float ones itself

@@ -11,7 +11,7 @@ import pytest
 from ernie_lab import artifacts, training
 from ernie_lab.errors import ConfigError, MissingArtifactError
 from ernie_lab.tasks.tnews import TnewsTask
-from tests.conftest import RecordingRun, isolated_overrides, make_cfg
+from tests.conftest import SCRIPT_BASE, RecordingRun, isolated_overrides, make_cfg
 
 # 48 examples in batches of 8: 6 steps an epoch, 12 in all; a state every 3 steps and at the epoch end,
 # selection every 4 steps and at epoch ends. model=tiny has no dropout, so runs are deterministic.
@@ -196,7 +196,7 @@ def test_train_py_killed_resumes_in_a_new_process(tmp_path):
 
     args = [*TINY, "train.eval_every_steps=null", *isolated_overrides(tmp_path)]
     child = subprocess.Popen(
-        [sys.executable, "-c", PAUSE_AFTER_FIRST_SAVE, str(PROJECT_ROOT / "train.py"), *args],
+        [sys.executable, "-c", PAUSE_AFTER_FIRST_SAVE, str(PROJECT_ROOT / "train.py"), *SCRIPT_BASE, *args],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "COLUMNS": "200"},
     )

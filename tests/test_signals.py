@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from ernie_lab.config import PROJECT_ROOT
-from tests.conftest import isolated_overrides, run_script
+from tests.conftest import SCRIPT_BASE, isolated_overrides, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ def benchmark_child_running(tmp: Path, proc) -> bool:
 def stop(script: str, args: list[str], signum: int, when, tmp: Path, wait: float = 300) -> tuple[int, str, list]:
     """Start `script`, send `signum` once `when(tmp, proc)` holds, and return (exit status, output, runs). The
     command's child processes (the benchmark's) must be gone by then too."""
-    program = ["-m", script[3:]] if script.startswith("-m ") else [str(PROJECT_ROOT / script)]
+    program = ["-m", script[3:]] if script.startswith("-m ") else [str(PROJECT_ROOT / script), *SCRIPT_BASE]
     cmd = [sys.executable, *program, *args, *isolated_overrides(tmp)]
     log = tmp / "command.log"
     with open(log, "w") as out:

@@ -146,7 +146,7 @@ def test_int8_evaluations_in_one_parent_process_do_not_interfere(workdir, compre
 
 def test_int8_model_asked_for_fp32_is_refused(workdir, compressed):
     from ernie_lab.errors import ConfigError
-    from ernie_lab.inference.benchmark import resolve_export
+    from ernie_lab.artifacts import resolve_export
 
     with pytest.raises(ConfigError, match="INT8"):
         resolve_export(cfg_for(workdir, "strategy=ptq", "precision=fp32"))
@@ -156,7 +156,7 @@ def test_int8_model_asked_for_fp32_is_refused(workdir, compressed):
 
 def test_missing_export_names_the_command_that_makes_it(tmp_path):
     from ernie_lab.errors import MissingArtifactError
-    from ernie_lab.inference.benchmark import resolve_export
+    from ernie_lab.artifacts import resolve_export
 
     cfg = make_cfg(isolated_overrides(tmp_path) + ["model=tiny", "precision=int8"])
     with pytest.raises(MissingArtifactError, match="python compress.py task=tnews model=tiny strategy=ptq"):

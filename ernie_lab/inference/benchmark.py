@@ -9,52 +9,15 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ernie_lab import artifacts
-from ernie_lab.artifacts import weights_kind
-from ernie_lab.errors import ConfigError, MissingArtifactError
+from ernie_lab.artifacts import resolve_export
 from ernie_lab.inference import roofline
 from ernie_lab.inference.engine import STAGES, run_isolated
 from ernie_lab.inference.backends import prepare_for_runtime
 from ernie_lab.inference.workload import EvalWorkload
 from ernie_lab.reporting import console, fmt, table
-from ernie_lab.runtime import runtime_label
+from ernie_lab.runtime import fp16_arithmetic, runtime_label
 from ernie_lab.tasks import build_task
 from ernie_lab.tracking import TrackedRun
-
-
-def resolve_export(cfg: DictConfig) -> tuple[Path, dict]:
-    """The export a (strategy, precision) pair runs on: INT8 precisions use the strategy's quantized counterpart,
-    except on a runtime that quantizes the float export itself (`runtime.quantizes_float_export`: ONNX Runtime)."""
-    strategy = cfg.strategy
-    weights = cfg.precision.weights
-    if weights == "int8" and cfg.runtime.get("quantizes_float_export"):
-        if weights_kind(strategy) == "int8":
-            raise ConfigError(
-                f"runtime={cfg.runtime.name} quantizes the float export itself, and strategy={strategy.name} holds "
-                f"Paddle's INT8 model; use precision=int8 with a float strategy (none, dynabert)"
-            )
-        name, weights = strategy.name, "float"
-    elif weights == "int8":
-        name = strategy.name if weights_kind(strategy) == "int8" else strategy.int8_counterpart
-    else:
-        if weights_kind(strategy) == "int8":
-            raise ConfigError(
-                f"strategy={strategy.name} holds an INT8 model, which precision={cfg.precision.name} cannot run; "
-                f"use precision=int8, or the float export (strategy=none) for precision={cfg.precision.name}"
-            )
-        name = strategy.name
-    directory = artifacts.export_dir(cfg, name)
-    made_by = f"python compress.py task={cfg.task.name} model={cfg.model.name} strategy={name}"
-    if artifacts.prunes(strategy):
-        made_by += f" prune.width_mult={cfg.prune.width_mult}"
-    manifest = artifacts.read_manifest(directory, made_by)
-    if manifest.get("task") != cfg.task.name or manifest.get("model") != cfg.model.name:
-        raise MissingArtifactError(
-            f"{directory} holds a {manifest.get('task')}/{manifest.get('model')} export, not "
-            f"{cfg.task.name}/{cfg.model.name}; re-run `{made_by}`"
-        )
-    if manifest.get("weights") != weights:
-        raise MissingArtifactError(f"{directory} holds {manifest.get('weights')} weights; precision={cfg.precision.name} needs {weights}")
-    return directory, manifest
 
 
 def predictions_path(cfg: DictConfig, strategy: str, suffix: str) -> Path:
@@ -144,7 +107,9 @@ def infer(cfg: DictConfig, run: TrackedRun) -> dict:
                                                  metrics["perf/qps_engine"])
     metrics.update(roof_metrics)
     engine_label = runtime_label(cfg.runtime.name, cfg.precision.name, cfg.runtime.get("int8_mode"))
+    compiled = result.get("engine_properties", {})
     _record(run, metrics, {
+        **{f"engine.{k}": v for k, v in compiled.items()},
         **roof_params,
         "data.eval_examples": len(examples),
         "data.eval_features": n_features,
@@ -159,6 +124,8 @@ def infer(cfg: DictConfig, run: TrackedRun) -> dict:
         **{f"version.{k}": v for k, v in artifacts.library_versions().items()},
     }, {
         "export_strategy": label, "primary_metric": task.primary_metric, "runtime_label": engine_label,
+        **({"compiled_precision": compiled["INFERENCE_PRECISION_HINT"]} if "INFERENCE_PRECISION_HINT" in compiled else {}),
+        **({"fp16_arithmetic": fp16_arithmetic() or "none"} if cfg.precision.name == "fp16" and cfg.runtime.device == "cpu" else {}),
         **({"width_mult": f"{manifest['pruning']['width_mult']:.2f}"} if "pruning" in manifest else {}),
     }, title=f"{cfg.task.name} · {cfg.model.name} · {label} · {cfg.precision.name}")
     return {"task": cfg.task.name, "model": cfg.model.name, "strategy": label, "precision": cfg.precision.name,

@@ -114,6 +114,8 @@ def _measure(model_dir: str, runtime: dict, precision: str, workload, warmup_bat
         "batch_seconds": batch_seconds,
         "batches": len(sample_batches),
         "load_seconds": load_seconds,
+        # what the engine says it compiled (OpenVINO: the inference precision read back), logged with the run
+        "engine_properties": dict(getattr(backend, "properties", None) or {}),
         "warmup": warmup,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     }

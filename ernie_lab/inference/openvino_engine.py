@@ -31,8 +31,9 @@ MODEL_TYPES = {"transformer": "TRANSFORMER", None: None}
 OVERFLOW_FIX = {"auto": None, "enable": "ENABLE", "first_layer_only": "FIRST_LAYER", "disable": "DISABLE"}
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
 # INFERENCE_PRECISION_HINT per precision: without an explicit f32, the CPU plugin runs "FP32" as BF16 on CPUs
-# with AVX512-BF16/AMX. INT8 models keep their float parts in f32.
-INFERENCE_PRECISION = {"fp32": "f32", "int8": "f32", "bf16": "bf16"}
+# with AVX512-BF16/AMX. INT8 models keep their float parts in f32. On a CPU without FP16 arithmetic the plugin
+# quietly compiles an f16 hint as f32, which is why the compiled precision is read back (OpenVinoBackend).
+INFERENCE_PRECISION = {"fp32": "f32", "int8": "f32", "bf16": "bf16", "fp16": "f16"}
 COMPILED_CACHE = "compiled"
 
 
@@ -41,8 +42,8 @@ def uses_openvino(runtime: DictConfig) -> bool:
 
 
 def variant_name(runtime: DictConfig, precision: str) -> str:
-    """The cached model a precision runs: bf16 compiles the fp32 model with a bf16 hint."""
-    if precision in ("fp32", "bf16"):
+    """The cached model a precision runs: bf16 and fp16 compile the fp32 model with their hint."""
+    if precision in ("fp32", "bf16", "fp16"):
         return "fp32"
     if precision == "int8":
         check_choice("runtime.int8_mode", runtime.int8_mode, INT8_MODES)
@@ -307,7 +308,8 @@ def _plain(value) -> str:
 
 class OpenVinoBackend:
     """OpenVINO's CPU plugin on a model directory made by `prepare_model` for the precision (fp32 also serves
-    bf16). One infer request, inputs set by name without a copy, outputs copied out (the request reuses them)."""
+    bf16 and fp16); `properties` are the compiled model's own, read back and logged with the run. One infer
+    request, inputs set by name without a copy, outputs copied out (the request reuses them)."""
 
     def __init__(self, model_dir: Path, runtime: DictConfig, precision: str, sample_batches: Sequence = ()):
         import openvino as ov
@@ -325,8 +327,10 @@ class OpenVinoBackend:
         self.properties = {k: _plain(self.compiled.get_property(k)) for k in
                            ("INFERENCE_PRECISION_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS")}
         if self.properties["INFERENCE_PRECISION_HINT"] != props["INFERENCE_PRECISION_HINT"]:
-            raise RuntimeError(f"OpenVINO compiled {model_dir} with inference precision "
-                               f"{self.properties['INFERENCE_PRECISION_HINT']}, not {props['INFERENCE_PRECISION_HINT']}")
+            # the row would be labelled with a precision the CPU never ran
+            raise ConfigError(f"OpenVINO compiled {model_dir} at inference precision "
+                              f"{self.properties['INFERENCE_PRECISION_HINT']}, not the {props['INFERENCE_PRECISION_HINT']} "
+                              f"that precision={precision} needs: this CPU cannot run it; use precision=fp32")
         self.request = self.compiled.create_infer_request()
         self.input_names = [p.get_any_name() for p in self.compiled.inputs]
         self.n_outputs = len(self.compiled.outputs)
