@@ -30,6 +30,10 @@ def fail(message: str, prefix: str = "error") -> None:
     sys.exit(2)
 
 
+# Hydra flags that print something (the config, help) instead of running a job: nothing to refuse then.
+INSPECTING = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--version"}
+
+
 def prepare_cli(argv: list[str] | None = None, config_name: str = "config", stage: str | None = None) -> None:
     """Before Hydra starts (so before any MLflow run): SIGTERM/SIGINT become a stop that closes open runs as
     KILLED, and the command line is checked: unknown keys and invalid values fail here, naming what is valid, and
@@ -42,7 +46,7 @@ def prepare_cli(argv: list[str] | None = None, config_name: str = "config", stag
         check_overrides(argv, config_name)
     except ErnieLabError as exc:
         fail(str(exc))
-    if stage is not None:
+    if stage is not None and not INSPECTING.intersection(a.split("=", 1)[0] for a in argv):
         lines = refusals(argv, config_name, stage)
         if lines:
             from ernie_lab.reporting import console

@@ -310,7 +310,7 @@ def instead(precision: str, flags: set[str] | None = None) -> str:
     return "Run precision=fp32 or precision=int8 instead."
 
 
-# Which engine runs BF16 best, by the CPU's BF16 units (measured, README "Engines and precisions"): with AMX,
+# Which engine runs BF16 best, by the CPU's BF16 units (docs/engines-and-precisions.md): with AMX,
 # Paddle's oneDNN BF16 ran at the probed bf16 peak at Medium size, where OpenVINO BF16 crashed (issue #20); with
 # AVX512-BF16 alone (Zen 4), see BF16_ENGINE_AVX512.
 BF16_ENGINE_AMX = "cpu"

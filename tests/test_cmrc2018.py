@@ -85,7 +85,7 @@ def test_reads_the_real_files(data_dir, train_examples):
 
 
 def test_official_offsets_that_miss_their_answer(data_dir, train_examples):
-    # README: 21 train and 200 dev answers have an answer_start that does not point at their text
+    # the data: 21 train and 200 dev answers have an answer_start that does not point at their text
     def wrong(examples):
         return [(ex, t, s) for ex in examples for t, s in zip(ex["answers"], ex["answer_starts"])
                 if ex["context"][s : s + len(t)] != t]

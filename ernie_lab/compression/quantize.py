@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from ernie_lab.compression.export import MODEL_FILE, PARAMS_FILE
 from ernie_lab.errors import ConfigError, check_choice
 
-# avg raises IndexError on scalar activations in paddleslim 2.6 (see README "Known limitations").
+# avg raises IndexError on scalar activations in paddleslim 2.6 (docs/compression.md, "Known limitations").
 ALGOS = ("hist", "mse", "KL", "abs_max")
 # hist/KL read the calibration data twice (range pass, then histogram pass)
 TWO_PASS_ALGOS = ("hist", "KL")
