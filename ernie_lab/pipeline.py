@@ -17,10 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from ernie_lab.cli import call_stage, check_config, command_errors, prepare_cli, prepare_runtime
 from ernie_lab.config import resolve_runtime
-from ernie_lab.errors import ConfigError, ErnieLabError
+from ernie_lab.errors import ConfigError, EngineCrashed, ErnieLabError
 from ernie_lab.reporting import console, table
-from ernie_lab.results import time_rows, write_report
-from ernie_lab.tracking import close_failed, end_run, start_parent_run, tracked_run
+from ernie_lab.results import crashed_result, time_rows, write_report
+from ernie_lab.tracking import close_failed, end_run, run_tags, start_parent_run, tracked_run, ui_hint
 
 
 def _stage_config(user_overrides: list[str], extra: list[str]) -> DictConfig:
@@ -137,7 +137,7 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
     parent.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
     if skipped:
         parent.log_text("\n".join(skipped), "skipped_variants.txt")
-    results, failures = [], []
+    results, failures, crashed = [], [], []
     minutes: dict[str, dict[str, float]] = {}  # task -> stage -> wall-clock minutes, failed stages included
 
     def stage(name: str, extra: list[str]):
@@ -148,6 +148,8 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
                 return call_stage(name, stage_cfg, run)
         except Exception as exc:  # record, report, and go on with the next task
             failures.append(f"{name} {' '.join(extra)}: {type(exc).__name__}: {exc}")
+            if name == "infer" and isinstance(exc, EngineCrashed):  # a row of the table, with the crash as its status
+                crashed.append(crashed_result({**run_tags(stage_cfg, name), **exc.tags}))
             console.print(f"[bold red]{name} {' '.join(extra)} failed:[/] {exc}")
             if not isinstance(exc, ErnieLabError):
                 console.print_exception(max_frames=8)
@@ -170,8 +172,8 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
         rows = time_rows(minutes)
         console.print(table("Wall-clock minutes per task and stage", ["task", "train", "compress", "infer", "total"], rows))
         parent.log_metrics({f"time/{task}_minutes": total for task, *_, total in rows if task != "all tasks"})
-    if results:
-        results_file = write_report(results, Path(HydraConfig.get().runtime.output_dir), parent,
+    if results or crashed:
+        results_file = write_report(results + crashed, Path(HydraConfig.get().runtime.output_dir), parent,
                                     minutes=minutes)
         console.print(f"table and Pareto charts written beside {results_file}")
     if failures:
@@ -180,8 +182,7 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
         for line in failures:
             console.print(f"  [red]{line}[/]")
     end_run(parent, failed=bool(failures))
-    console.print(f"MLflow parent run {parent.run_id} (sweep_id tag); open the UI with "
-                  f"`.venv/bin/mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}`")
+    console.print(f"MLflow parent run {parent.run_id} (sweep_id tag); to compare the runs, {ui_hint(cfg.tracking)}")
     return 1 if failures else 0
 
 

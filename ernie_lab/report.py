@@ -16,13 +16,14 @@ from omegaconf import DictConfig
 from ernie_lab.cli import check_config, command_errors, prepare_cli
 from ernie_lab.errors import MissingArtifactError
 from ernie_lab.reporting import console
-from ernie_lab.results import results_from_runs, write_report
+from ernie_lab.results import is_crash, results_from_runs, write_report
 from ernie_lab.sweep import with_fp32_baselines
 from ernie_lab.tracking import attach_run, find_runs
 
 
 def select_runs(cfg: DictConfig) -> tuple[list, str | None]:
-    """Finished infer runs of the chosen sweep (or filter), and the sweep's parent run id."""
+    """Finished infer runs of the chosen sweep (or filter), those whose engine crashed, and the sweep's parent run
+    id."""
     rc = cfg.report
     if rc.filter:
         # MLflow filters are AND-only, without parentheses
@@ -37,7 +38,8 @@ def select_runs(cfg: DictConfig) -> tuple[list, str | None]:
                                            "(`python infer.py -m ...`) or the main job first, or pass report.filter")
             sweep = max(sweeps, key=lambda r: r.info.start_time).info.run_id
         runs = find_runs(cfg.tracking, f"tags.sweep_id = '{sweep}' and tags.stage = 'infer'")
-    finished = [r for r in runs if r.info.status == "FINISHED"]
+    # finished runs, and failed ones whose engine crashed (a row with the crash as its status)
+    finished = [r for r in runs if r.info.status == "FINISHED" or (r.info.status == "FAILED" and is_crash(r.data.tags))]
     if not finished:
         where = f"sweep {sweep}" if not rc.filter else f"filter {rc.filter!r}"
         raise MissingArtifactError(f"no finished infer runs for {where} in {cfg.tracking.tracking_uri}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ernie_lab.errors import crash_status
 from ernie_lab.reporting import console, table
 
 TASK_TITLES = {"tnews": "TNEWS", "msra_ner": "MSRA_NER", "cmrc2018": "CMRC2018"}
@@ -23,10 +24,16 @@ def variant_name(model: str, strategy: str, precision: str, runtime_label: str =
 
 
 def results_from_runs(runs: list) -> list[dict]:
-    """The result dicts `seed_table` takes, read back from finished MLflow infer runs (oldest first)."""
+    """The result dicts `seed_table` takes, read back from MLflow infer runs (oldest first): every finished run, and
+    every failed one whose engine crashed (a `crash_signal` or `crash_exit_code` tag), as a row with a `status`."""
     out = []
     for run in sorted(runs, key=lambda r: r.info.start_time):
         tags, metrics = run.data.tags, run.data.metrics
+        status = getattr(run.info, "status", "FINISHED")
+        if status != "FINISHED":
+            if status == "FAILED" and is_crash(tags):
+                out.append(crashed_result(tags, run.info.run_name, run.info.run_id))
+            continue
         out.append({
             "task": tags["task"],
             "model": tags.get("model", ""),
@@ -45,6 +52,38 @@ def results_from_runs(runs: list) -> list[dict]:
     return out
 
 
+def is_crash(tags: dict) -> bool:
+    return "crash_signal" in tags or "crash_exit_code" in tags
+
+
+def crashed_result(tags: dict, run_name: str = "", run_id: str = "") -> dict:
+    """A row for an infer run whose engine crashed, from its tags (the run's own, plus EngineCrashed.tags): no
+    figures, and a `status` such as `crashed: SIGSEGV (OpenVINO bf16): double free or corruption (!prev)` that the
+    table shows in its cells."""
+    cause = tags.get("crash_signal") or f"exit code {tags.get('crash_exit_code')}"
+    last = tags.get("crash_stderr", "").split(" | ")[-1]
+    engine = tags.get("engine") or (tags.get("runtime_label", "").split(" ")[0] or "paddle")
+    status = crash_status(cause, engine, tags.get("precision", "?"), last)
+    return {
+        "task": tags["task"],
+        "model": tags.get("model", ""),
+        "model_init": tags.get("model_init", ""),
+        "run_name": run_name,
+        "strategy": tags.get("export_strategy", tags.get("strategy", "")),
+        "precision": tags.get("precision", ""),
+        "device": tags.get("device", "cpu"),
+        "runtime_label": tags.get("runtime_label", ""),
+        "primary_metric": tags.get("primary_metric", "metric"),
+        "run_id": run_id,
+        "status": status,
+    }
+
+
+def measured(results: list[dict]) -> list[dict]:
+    """The rows with figures (not those of crashed runs)."""
+    return [r for r in results if not r.get("status")]
+
+
 def _key(r: dict) -> tuple:
     return r.get("device", "cpu"), r.get("runtime_label", ""), r["strategy"], r["precision"]
 
@@ -52,7 +91,7 @@ def _key(r: dict) -> tuple:
 def _baselines(results: list[dict], task: str) -> dict[str, dict]:
     """Per device, the Paddle Inference FP32 run of the unpruned model (and FP16 on GPU) of `task`."""
     out = {}
-    for r in results:
+    for r in measured(results):
         if r["task"] == task and not r.get("runtime_label") and r["strategy"] == "none":
             if r["precision"] in ("fp32", "fp16"):
                 out[f"{r.get('device', 'cpu')}/{r['precision']}"] = r
@@ -97,7 +136,11 @@ def seed_table(results: list[dict], model: str) -> str:
     where there is one) and the metric (delta against that FP32). Prints it with rich and returns Markdown."""
     tasks = [t for t in TASK_TITLES if any(r["task"] == t for r in results)]
     tasks += sorted({r["task"] for r in results} - set(tasks))
-    by_key = {(r["task"], *_key(r)): r for r in results}
+    # a variant that ran after crashing once (a rerun) shows its figures, not the crash
+    by_key = {}
+    for r in results:
+        if not r.get("status") or (r["task"], *_key(r)) not in by_key:
+            by_key[(r["task"], *_key(r))] = r
     variants = list(dict.fromkeys(_key(r) for r in results))
     columns = ["variant"]
     for t in tasks:
@@ -115,6 +158,9 @@ def seed_table(results: list[dict], model: str) -> str:
             if r is None:
                 row += ["-", "-"]
                 continue
+            if r.get("status"):  # a crashed run: what happened, in place of its figures
+                row += [r["status"], "-"]
+                continue
             base = baselines[t]
             fp32, fp16 = base.get(f"{device}/fp32"), base.get(f"{device}/fp16")
             metric = f"eval/{r['primary_metric']}"
@@ -131,7 +177,7 @@ def seed_table(results: list[dict], model: str) -> str:
     title = f"{model or 'each task its model'}: QPS (batch 32) and metric, speedup and delta against FP32"
     console.print(table(title, columns, _plain(rows)))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -316,12 +362,13 @@ def write_report(results: list[dict], out_dir: Path, parent=None, budget: float 
     if not model:
         markdown = "Models: " + ", ".join(f"{TASK_TITLES.get(t, t)} {m}" for t, m in models.items()) + "\n\n"
         console.print(markdown.strip())
+    figures = measured(results)  # crashed runs are rows of the table, with their status, and nothing else
     markdown += seed_table(results, model) + borrowed_note(results) + engine_choices(results)
-    markdown += engine_comparison(results) + engine_ranking(results, model, budget)
+    markdown += engine_comparison(figures) + engine_ranking(figures, model, budget)
     if minutes:
         markdown += time_section(minutes)
     (out_dir / "results.md").write_text(markdown, encoding="utf-8")
-    charts = [pareto_chart(results, t, m, out_dir / f"pareto_{t}.png") for t, m in models.items()]
+    charts = [pareto_chart(figures, t, m, out_dir / f"pareto_{t}.png") for t, m in task_models(figures).items()]
     if parent is not None:
         parent.log_text(markdown, "results.md")
         for chart in charts:

@@ -14,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ernie_lab import signals
 from ernie_lab.results import missing_baselines, results_from_runs, write_report
-from ernie_lab.tracking import PARENT_RUN_ENV, SWEEP_ID_ENV, TrackedRun, attach_run, end_run, find_runs, start_parent_run
+from ernie_lab.tracking import (PARENT_RUN_ENV, SWEEP_ID_ENV, TrackedRun, attach_run, end_run, find_runs, start_parent_run,
+                               ui_hint)
 
 try:
     from hydra.experimental.callback import Callback
@@ -120,12 +121,17 @@ class SweepCallback(Callback):
         else:  # a stopped sweep gets no table: its jobs did not all run
             self._closing_table(parent)
         end_run(parent, failed=bool(self.failed), killed=bool(stopped))
+        from rich.console import Console
+
+        Console(stderr=True, soft_wrap=True).print(f"MLflow parent run {parent.run_id} (sweep_id tag); to compare the "
+                                                   f"runs, {ui_hint(OmegaConf.create(self.tracking))}", highlight=False)
 
     def _closing_table(self, parent: TrackedRun) -> None:
-        """Benchmark sweeps end with the report of their finished jobs (seed-shaped table, Pareto charts), written
-        into the sweep directory and logged on the parent."""
+        """Benchmark sweeps end with the report of their finished jobs (seed-shaped table, Pareto charts), and of
+        those whose engine crashed (a row with the crash as its status), written into the sweep directory and
+        logged on the parent."""
         runs = find_runs(self.config.tracking, f"tags.sweep_id = '{parent.run_id}' and tags.stage = 'infer'")
-        results = results_from_runs([r for r in runs if r.info.status == "FINISHED"])
+        results = results_from_runs(runs)  # finished runs, and failed ones with a crash tag
         if results:
             results = with_fp32_baselines(results, self.config.tracking)
             write_report(results, Path(self.config.hydra.sweep.dir), parent)

@@ -51,9 +51,10 @@ class _HeldClient:
         return call
 
 
-# MLflow 3's UI opens an experiment by its kind: without this tag it guesses "GenAI" and shows an (empty) traces
-# overview, with the runs table behind a switch; with it, the experiment opens on its runs table.
+# MLflow 3 tells training experiments from GenAI ones by this tag. Its UI (3.17) opens an experiment on the page of
+# its GenAI / Model training switch, GenAI (an empty traces overview) unless the address says otherwise (ui_hint).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 
 
 def experiment_id(tracking_cfg: DictConfig) -> str:
@@ -222,12 +223,16 @@ def stopped_at(exc: BaseException) -> str:
 
 def close_failed(run: TrackedRun, exc: BaseException) -> None:
     """KILLED for a stop (Ctrl-C, or SIGTERM/SIGINT turned into SystemExit by the commands), else FAILED; both with
-    the traceback (`error.txt`) and, as tags, the error and where it happened."""
+    the traceback (`error.txt`) and, as tags, the error and where it happened, plus the error's own `tags` where
+    it has them (EngineCrashed: the engine, the signal or exit code, its stderr tail and the report's status)."""
     stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
     try:
         run.log_text("".join(traceback.format_exception(exc)), "error.txt")
         where = stopped_at(exc)
         run.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000], "stopped_at" if stopped else "failed_at": where})
+        extra = getattr(exc, "tags", None)  # what the error says about itself, e.g. EngineCrashed's crash_signal
+        if isinstance(extra, dict) and extra:
+            run.set_tags({k: str(v)[:5000] for k, v in extra.items()})
     finally:  # the status matters most: set it even if logging the details failed
         run.client.set_terminated(run.run_id, "KILLED" if stopped else "FAILED")
 
@@ -271,6 +276,16 @@ def attach_run(tracking_cfg: DictConfig, run_id: str) -> TrackedRun:
 
 def end_run(run: TrackedRun, failed: bool, killed: bool = False) -> None:
     run.client.set_terminated(run.run_id, "KILLED" if killed else "FAILED" if failed else "FINISHED")
+
+
+def ui_hint(tracking_cfg: DictConfig) -> str:
+    """How to open this store's runs table in the MLflow UI: the command that serves a local store, and the address
+    of the experiment with the UI's switch on Model training (its runs table, not the GenAI overview)."""
+    uri = str(tracking_cfg.tracking_uri)
+    served = uri.startswith(("http://", "https://"))
+    base = uri.rstrip("/") if served else UI_ADDRESS
+    address = f"{base}/#/experiments/{experiment_id(tracking_cfg)}?workflowType=machine_learning"
+    return f"open {address}" if served else f"run `.venv/bin/mlflow ui --backend-store-uri {uri}`, then open {address}"
 
 
 def find_runs(tracking_cfg: DictConfig, filter_string: str) -> list:

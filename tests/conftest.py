@@ -60,7 +60,9 @@ def run_stage(cfg, stage: str, body):
 
 def run_script(script: str, *args: str, tmp: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run an entry script the way a user does, with outputs redirected into `tmp`."""
-    cmd = [sys.executable, str(PROJECT_ROOT / script), *SCRIPT_BASE, *args, *isolated_overrides(tmp)]
+    flags = [a for a in args if a.startswith("-")]  # Hydra's flags (-m) must come before any override
+    overrides = [a for a in args if not a.startswith("-")]
+    cmd = [sys.executable, str(PROJECT_ROOT / script), *flags, *SCRIPT_BASE, *overrides, *isolated_overrides(tmp)]
     return subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "COLUMNS": "200"})
 

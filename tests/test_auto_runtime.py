@@ -119,6 +119,7 @@ def test_auto_runs_each_precision_on_its_engine_and_the_report_says_which_and_wh
     result = infer_sweep(workdir, f"precision={','.join(precisions)}")
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
+    assert "/#/experiments/" in out and "?workflowType=machine_learning" in out  # where the UI shows the runs table
     runs = infer_runs(workdir)
     for precision in precisions:
         engine, why = runtime.auto_runtime(precision, gpu=False)

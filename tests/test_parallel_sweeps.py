@@ -32,7 +32,7 @@ def test_a_parallel_sweep_records_every_job_under_one_parent(tmp_path):
     # Each job gets its own artifacts directory (`${hydra:job.num}`, resolved in the job), so that two trainings
     # of the same model and task do not share `finetuned/` and `train_state/`: the setting docs/scaling-out.md recommends.
     overrides = [o for o in isolated_overrides(tmp_path) if not o.startswith("paths.artifacts_dir=")]
-    cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), *SCRIPT_BASE, *PARALLEL, *TINY_TRAIN, "train.learning_rate=1e-3,2e-3",
+    cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), *PARALLEL[:1], *SCRIPT_BASE, *PARALLEL[1:], *TINY_TRAIN, "train.learning_rate=1e-3,2e-3",
            f"paths.artifacts_dir={tmp_path}/artifacts/job${{hydra:job.num}}", *overrides]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     out = result.stdout + result.stderr

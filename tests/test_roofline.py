@@ -75,6 +75,10 @@ def test_run_metrics_divide_by_the_precisions_peak():
     metrics, params = roofline.run_metrics(shapes, [(10, 36)], 10, 10, 10.0, "bf16", {**peak, "bf16_gflops": 400.0})
     assert metrics["perf/roofline_pct"] == pytest.approx(30.82738176 / 4)
     assert params["roofline.peak_used"] == "bf16_gflops"
+    # the engine whose GEMM set the peak is logged with the run
+    _, params = roofline.run_metrics(shapes, [(10, 36)], 10, 10, 10.0, "int8",
+                                     {**peak, "int8_source": "openvino: openvino MatMul on FakeQuantize'd u8 x i8"})
+    assert params["roofline.peak_source"].startswith("openvino") and params["roofline.int8_source"]
 
 
 def test_peak_probe_runs_once_per_machine_and_is_cached(tmp_path):
@@ -85,6 +89,14 @@ def test_peak_probe_runs_once_per_machine_and_is_cached(tmp_path):
     assert found["fp32_gflops"] > 0.5 and found["int8_gflops"] > 0.5
     # a bf16 peak only where the CPU has bf16 instructions (elsewhere OpenVINO would measure fp32 under its name)
     assert ("bf16_gflops" in found) == has_bf16()
+    # each precision's peak is the fastest GEMM of the engines that run it here, and names that engine
+    for precision, engines in (("fp32", {"numpy", "paddle", "paddle_inference", "onnxruntime", "openvino"}),
+                               ("int8", {"onnxruntime", "openvino"}),
+                               *((("bf16", {"paddle_inference", "openvino"}),) if has_bf16() else ())):
+        rates = {e: found[f"{precision}_{e}_gflops"] for e in engines}
+        best = max(rates, key=rates.get)
+        assert found[f"{precision}_gflops"] == rates[best]
+        assert found[f"{precision}_source"].startswith(f"{best}: ")
     stored = json.loads(cache.read_text())
     assert list(stored) == [roofline.machine_key(1)]
     # a cached entry is used as it is, without probing again
@@ -104,3 +116,67 @@ def test_bf16_probe_runs_bf16_arithmetic():
     assert roofline._openvino_bf16_rate(a, b, 1, 0.05) > 0
     error = np.abs(roofline._openvino_bf16_matmul(b, 1)(a) - a @ b).max() / np.abs(a @ b).max()
     assert 1e-4 < error < 2e-2
+
+
+def fast_probe(runtime, seconds):
+    return {("fp32", "fast"): 300.0, ("int8", "fast"): 900.0}, {"fast bf16": "no bf16 here"}
+
+
+def slow_probe(runtime, seconds):
+    return {("fp32", "slow"): 100.0, ("int8", "slow"): 1200.0, ("bf16", "slow"): 50.0}, {}
+
+
+def crashing_probe(runtime, seconds):
+    import ctypes
+
+    ctypes.string_at(0)
+
+
+def missing_probe(runtime, seconds):
+    import engine_that_is_not_installed  # noqa: F401
+
+
+def test_each_peak_is_the_fastest_engine_and_a_crashing_or_missing_engine_is_skipped(monkeypatch):
+    monkeypatch.setattr(roofline, "PROBES", {"fast": fast_probe, "crashes": crashing_probe, "slow": slow_probe,
+                                             "missing": missing_probe})
+    found = roofline.probe_all({"threads": 1}, 0.01)
+    assert found["fp32_gflops"] == 300.0 and found["fp32_source"].startswith("fast")
+    assert found["int8_gflops"] == 1200.0 and found["int8_source"].startswith("slow")
+    assert found["bf16_gflops"] == 50.0 and found["fp32_slow_gflops"] == 100.0
+    skipped = found["probe_skipped"]
+    assert "SIGSEGV" in skipped["crashes"] and "not installed" in skipped["missing"]
+    assert skipped["fast bf16"] == "no bf16 here"
+
+
+def test_openvino_int8_probe_runs_an_int8_gemm():
+    """OpenVINO's int8 probe compiles to an integer FullyConnected (u8 activations), not an fp32 MatMul."""
+    import numpy as np
+
+    compiled = []
+    matmul = roofline._openvino_int8_matmul(128, 1, compiled)
+    assert matmul(np.ones((128, 128), dtype=np.float32)).shape == (128, 128)
+    precisions = {(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+                  for op in compiled[0].get_runtime_model().get_ops()}
+    assert ("FullyConnected", "u8") in precisions or ("MatMul", "u8") in precisions, precisions
+
+
+def paddle_inference_rounding(size: int) -> dict:
+    """In a child: whether Paddle Inference's fc GEMM carries bf16 rounding at fp32 and at bf16."""
+    import tempfile
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    ref = (a @ b) @ b
+    with tempfile.TemporaryDirectory() as tmp:
+        return {precision: roofline.is_bf16_rounded(roofline._paddle_inference_gemm(tmp, a, b, 1, bf16)[0](), ref)
+                for precision, bf16 in (("fp32", False), ("bf16", True))}
+
+
+@pytest.mark.skipif(not has_bf16(), reason="this CPU has no AVX512-BF16 / AMX-BF16")
+def test_paddle_inference_bf16_probe_runs_bf16_arithmetic():
+    from ernie_lab.inference.engine import run_in_child
+
+    rounded = run_in_child(paddle_inference_rounding, (256,), engine="paddle", precision="bf16", model="probe")
+    assert rounded == {"fp32": False, "bf16": True}

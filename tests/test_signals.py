@@ -74,8 +74,10 @@ def benchmark_child_running(tmp: Path, proc) -> bool:
 def stop(script: str, args: list[str], signum: int, when, tmp: Path, wait: float = 300) -> tuple[int, str, list]:
     """Start `script`, send `signum` once `when(tmp, proc)` holds, and return (exit status, output, runs). The
     command's child processes (the benchmark's) must be gone by then too."""
-    program = ["-m", script[3:]] if script.startswith("-m ") else [str(PROJECT_ROOT / script), *SCRIPT_BASE]
-    cmd = [sys.executable, *program, *args, *isolated_overrides(tmp)]
+    program = ["-m", script[3:]] if script.startswith("-m ") else [str(PROJECT_ROOT / script)]
+    flags = [a for a in args if a.startswith("-")]  # Hydra's flags (-m) must come before any override
+    base = [] if script.startswith("-m ") else SCRIPT_BASE
+    cmd = [sys.executable, *program, *flags, *base, *(a for a in args if not a.startswith("-")), *isolated_overrides(tmp)]
     log = tmp / "command.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=tmp, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})

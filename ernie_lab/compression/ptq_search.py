@@ -131,7 +131,7 @@ class HeldoutScorer:
     def __call__(self, model_dir: Path, precision: str) -> dict[str, float]:
         from ernie_lab.inference.engine import run_isolated
 
-        done = run_isolated(model_dir, self.runtime, precision, self.workload)["predictions"]
+        done = run_isolated(model_dir, self.runtime, precision, self.workload, what="calibration scoring")["predictions"]
         return self.task.metrics(self.examples, done["predictions"])
 
 

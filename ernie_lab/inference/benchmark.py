@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ernie_lab import artifacts
 from ernie_lab.artifacts import resolve_export
+from ernie_lab.errors import EngineCrashed
 from ernie_lab.inference import roofline
 from ernie_lab.inference.engine import STAGES, run_isolated
 from ernie_lab.inference.backends import prepare_for_runtime
@@ -17,7 +18,7 @@ from ernie_lab.inference.workload import EvalWorkload
 from ernie_lab.reporting import console, fmt, table
 from ernie_lab.runtime import fp16_arithmetic, runtime_label
 from ernie_lab.tasks import build_task
-from ernie_lab.tracking import TrackedRun
+from ernie_lab.tracking import TrackedRun, engine_name
 
 
 def predictions_path(cfg: DictConfig, strategy: str, suffix: str) -> Path:
@@ -89,10 +90,16 @@ def infer(cfg: DictConfig, run: TrackedRun) -> dict:
     )
     # runtime.pad_to_multiple (runtime=cpu): batch lengths rounded up, fewer distinct shapes for oneDNN's caches
     workload = EvalWorkload(task, examples, features, int(bench.batch_size), int(cfg.runtime.get("pad_to_multiple", 1)))
-    result = run_isolated(
-        model_dir, OmegaConf.to_container(cfg.runtime, resolve=True), cfg.precision.name, workload,
-        int(bench.warmup_batches), float(bench.warmup_seconds), int(bench.passes),
-    )
+    engine_label = runtime_label(cfg.runtime.name, cfg.precision.name, cfg.runtime.get("int8_mode"))
+    try:
+        result = run_isolated(
+            model_dir, OmegaConf.to_container(cfg.runtime, resolve=True), cfg.precision.name, workload,
+            int(bench.warmup_batches), float(bench.warmup_seconds), int(bench.passes),
+        )
+    except EngineCrashed as exc:  # the failed run carries what the report's row needs (results.crashed_result)
+        exc.tags.update({"export_strategy": label, "primary_metric": task.primary_metric, "runtime_label": engine_label,
+                         "engine": engine_name(cfg.runtime)})
+        raise
     done = result["predictions"]
     predictions, n_features = done["predictions"], done["features"]
     scores = task.metrics(examples, predictions)
@@ -106,7 +113,6 @@ def infer(cfg: DictConfig, run: TrackedRun) -> dict:
     roof_metrics, roof_params = roofline.for_run(cfg, task, manifest, done["batch_shapes"], len(examples), n_features,
                                                  metrics["perf/qps_engine"])
     metrics.update(roof_metrics)
-    engine_label = runtime_label(cfg.runtime.name, cfg.precision.name, cfg.runtime.get("int8_mode"))
     compiled = result.get("engine_properties", {})
     _record(run, metrics, {
         **{f"engine.{k}": v for k, v in compiled.items()},

@@ -11,16 +11,23 @@ figure and the sum of the stages can be checked against each other. It knows not
 from __future__ import annotations
 
 import multiprocessing
+import os
+import re
 import resource
+import sys
+import tempfile
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from omegaconf import OmegaConf
 
 STAGES = ("tokenize", "collate", "h2d", "engine", "d2h", "postprocess")
+# How many of the last non-empty stderr lines of a crashed child its error quotes.
+STDERR_TAIL_LINES = 3
 
 
 class ReadyBatches:
@@ -122,14 +129,145 @@ def _measure(model_dir: str, runtime: dict, precision: str, workload, warmup_bat
 
 
 def run_isolated(model_dir: Path, runtime: dict, precision: str, workload, warmup_batches: int = 0,
-                 warmup_seconds: float = 0.0, passes: int = 1) -> dict[str, Any]:
-    """`workload` (picklable) timed in a fresh spawned process; see the module docstring."""
+                 warmup_seconds: float = 0.0, passes: int = 1, what: str = "benchmark") -> dict[str, Any]:
+    """`workload` (picklable) timed in a fresh spawned process; see the module docstring. A native crash of that
+    process (a signal, or an exit without a Python error) is raised as `EngineCrashed`, naming the engine,
+    precision, model, signal or exit code and the last lines the process wrote to stderr."""
     if passes < 1:
         raise ValueError(f"passes={passes}: at least one timed pass")
+    from ernie_lab.tracking import engine_name
+
+    engine = runtime.get("engine") or engine_name(OmegaConf.create({"name": "cpu", **runtime}))
+    return run_in_child(_measure, (str(model_dir), runtime, precision, workload, warmup_batches, warmup_seconds, passes),
+                        engine=engine, precision=precision, model=str(model_dir), runtime=runtime.get("name", ""),
+                        what=what)
+
+
+class _RemoteTraceback(Exception):
+    """The child's traceback, as the `__cause__` of an exception it raised (as concurrent.futures shows it)."""
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+def _child_main(conn, stderr_path: str, fn: Callable, args: tuple) -> None:
+    """In the child: fd 2 onto the file the parent follows, then `fn(*args)`; its value or exception goes back."""
+    fd = os.open(stderr_path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, 2)
+    os.close(fd)
+    # glibc's fatal messages (`double free or corruption (!prev)`) go to stderr, not to the terminal
+    os.environ.setdefault("LIBC_FATAL_STDERR_", "1")
+    try:
+        result = ("ok", fn(*args))
+    except BaseException as exc:  # noqa: BLE001 - every Python error goes back to the parent, which raises it
+        tb = "".join(traceback.format_exception(exc))
+        result = ("error", exc, tb)
+    try:
+        conn.send(result)
+    except Exception as exc:  # the value or the exception does not pickle: send what it said
+        detail = result[2] if result[0] == "error" else repr(exc)
+        conn.send(("error", RuntimeError(f"the child's result could not be sent back: {exc}"), detail))
+    finally:
+        sys.stderr.flush()
+        conn.close()
+
+
+class _StderrFollower:
+    """Copies what the child writes into its stderr file onto this process's stderr as it grows (the child's
+    warnings stay visible), and reads back its last non-empty lines when the child died."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True, name="child-stderr")
+        self._thread.start()
+
+    def _follow(self) -> None:
+        with open(self.path, "rb") as f:
+            while True:
+                chunk = f.read(1 << 16)
+                if chunk:
+                    try:
+                        os.write(2, chunk)
+                    except OSError:  # our own stderr is gone: keep only the file
+                        pass
+                elif self._stop.is_set():
+                    return
+                else:
+                    time.sleep(0.05)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def tail(self, lines: int = STDERR_TAIL_LINES) -> list[str]:
+        with open(self.path, "rb") as f:
+            f.seek(max(0, os.path.getsize(self.path) - 16384))
+            text = f.read().decode("utf-8", errors="replace")
+        kept = [_ANSI.sub("", line).strip() for line in text.splitlines()]
+        # faulthandler's stack (where PYTHONFAULTHANDLER is set) says less than the native message above it
+        kept = [line for line in kept if line and not _FAULTHANDLER_LINE.match(line)]
+        return [line[:500] for line in kept[-lines:]]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_FAULTHANDLER_LINE = re.compile(r'^(File ".*", line \d+|(Current thread|Thread) 0x[0-9a-f]+|Extension modules:|<no Python frame>)')
+
+
+def run_in_child(fn: Callable, args: tuple, engine: str, precision: str, model: str, runtime: str = "",
+                 what: str = "benchmark"):
+    """`fn(*args)` in a fresh spawned process: its return value, or the Python exception it raised (as itself,
+    with the child's traceback as its cause), or `EngineCrashed` when the process died without one. A stop of
+    this process (SIGTERM/SIGINT, ernie_lab.signals) ends the child too."""
+    from ernie_lab.errors import EngineCrashed
+
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(_measure, str(model_dir), runtime, precision, workload, warmup_batches, warmup_seconds,
-                           passes).result()
+    fd, stderr_path = tempfile.mkstemp(prefix="ernie-lab-child-", suffix=".stderr")
+    os.close(fd)
+    receiver, sender = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_child_main, args=(sender, stderr_path, fn, args), name=f"ernie-lab-{what}")
+    follower = _StderrFollower(stderr_path)
+    try:
+        process.start()
+        sender.close()  # the child holds the only sending end: its death ends `recv` with EOFError
+        message = None
+        while message is None:
+            if receiver.poll(0.2):
+                try:
+                    message = receiver.recv()
+                except EOFError:
+                    break
+            elif not process.is_alive():
+                if receiver.poll(0):
+                    continue
+                break
+        process.join(timeout=30 if message is not None else None)
+        if message is None:
+            follower.close()
+            exitcode = process.exitcode if process.exitcode is not None else -9
+            raise EngineCrashed(engine, precision, model, exitcode, follower.tail(), runtime, what)
+        if message[0] == "ok":
+            return message[1]
+        _, exc, tb = message
+        exc.__cause__ = _RemoteTraceback(tb)
+        raise exc
+    finally:
+        if process.is_alive():  # stopped, or an error here: the child must not outlive the call
+            process.terminate()
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=10)
+        receiver.close()
+        follower.close()
+        try:
+            os.unlink(stderr_path)
+        except OSError:
+            pass
 
 
 def measure_isolated(model_dir: Path, runtime: dict, precision: str, batches: Sequence[dict[str, np.ndarray]],

@@ -3,20 +3,22 @@
 - `encoder_flops`: the model's FLOPs for one sequence of a (padded) length, from its shapes: every matmul counted
   as 2 * m * n * k (a multiply and an add), nothing else (embeddings, LayerNorm, softmax, GELU and the residual
   adds are element-wise: < 2% of an ERNIE layer at the lengths benchmarked here).
-- `peaks`: the CPU's measured GEMM peak per precision at the run's thread count, from a short probe in a fresh
-  process (fp32: the faster of numpy's BLAS and Paddle's matmul; int8: ONNX Runtime's MatMulInteger, u8 x s8,
-  MLAS's integer GEMM; bf16, on CPUs with AVX512-BF16 or AMX-BF16 only: an OpenVINO MatMul compiled with a bf16
-  inference precision, oneDNN's bf16 GEMM), run once per machine and cached in a small JSON keyed by CPU model,
-  flags and threads, with the instruction set it found (AVX2 / AVX-512 / VNNI / AMX).
+- `peaks`: the CPU's measured GEMM peak per precision at the run's thread count: the fastest 1024^3 GEMM of the
+  engines that run that precision here, each probed in a fresh process of its own (fp32: numpy's BLAS, Paddle's
+  eager matmul, Paddle Inference's oneDNN fc, ONNX Runtime, OpenVINO; int8: ONNX Runtime's MatMulInteger u8 x s8
+  and OpenVINO's int8 FullyConnected; bf16, on CPUs with AVX512-BF16 or AMX-BF16 only and only where the result
+  carries bf16 rounding: Paddle Inference's oneDNN fc with bfloat16 and OpenVINO's MatMul at bf16). A run can
+  then not read above 100% because its engine is faster than the one probed. An engine that is not installed,
+  crashes, or cannot run a precision here is skipped (`probe_skipped`). Run once per machine and cached in a small
+  JSON keyed by CPU model, flags, threads and PROBE_VERSION, with the instruction set found (AVX2 / VNNI / AMX)
+  and the engine that gave each peak (`<precision>_source`, logged as `roofline.peak_source`).
 
 A run logs `perf/gflops` (model FLOPs of a pass over the timed engine time; INT8 "FLOPs" are the same
 multiply-adds done in 8 bits) and `perf/roofline_pct` (that over the peak for its precision)."""
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -25,8 +27,10 @@ from ernie_lab.runtime import cpu_flag_set
 
 # Which probe measures a precision's peak (a precision without one logs perf/gflops and no roofline percentage).
 PEAK_OF = {"fp32": "fp32", "int8": "int8", "bf16": "bf16"}
-# Bumped when the probe changes, so that cached peaks are measured again (2: bf16 added).
-PROBE_VERSION = 2
+# Bumped when the probe changes, so that cached peaks are measured again (2: bf16 added; 3: every engine that runs a
+# precision here probes it, the peak is the fastest: Paddle Inference's oneDNN fc at fp32/bf16, OpenVINO at
+# fp32/int8/bf16, ONNX Runtime at fp32/int8).
+PROBE_VERSION = 3
 
 
 # ---- FLOPs ----------------------------------------------------------------------------------------------------
@@ -96,20 +100,68 @@ def machine_key(threads: int) -> str:
 
 def peaks(runtime: dict, cache_file: Path, seconds: float = 0.5) -> dict:
     """This machine's GEMM peaks at runtime['threads'] (GFLOP/s per precision, the ISA, the probe's details),
-    from `cache_file` when it holds this machine's key, else probed in a fresh process and added to it."""
+    from `cache_file` when it holds this machine's key, else probed in fresh processes and added to it."""
     threads = int(runtime["threads"])
     key = machine_key(threads)
     cached = artifacts.read_json(cache_file) if cache_file.is_file() else {}
     if key in cached:
         return cached[key]
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        found = pool.submit(_probe, runtime, seconds).result()
-    found = {"isa": isa_name(cpu_flag_set()), "threads": threads, "measured_at": artifacts.now_iso(), **found}
+    found = {"isa": isa_name(cpu_flag_set()), "threads": threads, "measured_at": artifacts.now_iso(),
+             "gemm_size": GEMM_SIZE, **probe_all(runtime, seconds)}
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     latest = artifacts.read_json(cache_file) if cache_file.is_file() else {}
     artifacts.write_json_atomic(cache_file, {**latest, key: found})
     return found
+
+
+GEMM_SIZE = 1024
+# What each (precision, engine) probe runs; a precision's peak is the fastest of its engines here.
+SOURCES = {
+    ("fp32", "numpy"): "numpy matmul (its BLAS)",
+    ("fp32", "paddle"): "paddle.matmul, eager",
+    ("fp32", "paddle_inference"): "Paddle Inference, oneDNN fc",
+    ("bf16", "paddle_inference"): "Paddle Inference, oneDNN fc with enable_mkldnn_bfloat16",
+    ("fp32", "onnxruntime"): "onnxruntime MatMul",
+    ("int8", "onnxruntime"): "onnxruntime MatMulInteger u8s8",
+    ("fp32", "openvino"): "openvino MatMul, inference precision f32",
+    ("bf16", "openvino"): "openvino MatMul, inference precision bf16",
+    ("int8", "openvino"): "openvino MatMul on FakeQuantize'd u8 x i8 weights (oneDNN int8 FullyConnected)",
+}
+
+
+def probe_all(runtime: dict, seconds: float) -> dict:
+    """Every engine's GEMM rates (`<precision>_<engine>_gflops`), each precision's peak as the fastest of them
+    (`<precision>_gflops`) with the engine that gave it (`<precision>_source`), and the engines that could not run
+    (`probe_skipped`: not installed, crashed, or no such arithmetic here)."""
+    from ernie_lab.errors import EngineCrashed
+    from ernie_lab.inference.engine import run_in_child
+    from ernie_lab.reporting import console
+
+    rates: dict[tuple[str, str], float] = {}
+    skipped: dict[str, str] = {}
+    for engine, fn in PROBES.items():
+        try:
+            got, notes = run_in_child(fn, (runtime, seconds), engine=engine, precision="all",
+                                      model=f"{GEMM_SIZE}x{GEMM_SIZE} GEMM probe", what="roofline probe")
+        except ImportError as exc:  # the engine is not installed: no figures from it
+            skipped[engine] = f"not installed ({exc})"
+            continue
+        except EngineCrashed as exc:
+            skipped[engine] = str(exc)
+            console.print(f"[yellow]roofline probe:[/] {exc}")
+            continue
+        rates.update({(precision, name): rate for (precision, name), rate in got.items()})
+        skipped.update(notes)
+    out: dict = {f"{precision}_{name}_gflops": rate for (precision, name), rate in sorted(rates.items())}
+    for precision in ("fp32", "int8", "bf16"):
+        engines = {name: rate for (p, name), rate in rates.items() if p == precision}
+        if engines:
+            best = max(engines, key=engines.get)
+            out[f"{precision}_gflops"] = engines[best]
+            out[f"{precision}_source"] = f"{best}: {SOURCES.get((precision, best), best)}"
+    if skipped:
+        out["probe_skipped"] = skipped
+    return out
 
 
 def _best_rate(run, flops: float, seconds: float) -> float:
@@ -123,53 +175,190 @@ def _best_rate(run, flops: float, seconds: float) -> float:
     return flops / best / 1e9
 
 
-def _probe(runtime: dict, seconds: float) -> dict:
-    """Runs in the child: square GEMMs big enough to reach the kernels' peak and small enough to stay quick."""
+def _operands(size: int = GEMM_SIZE):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return tuple(rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+
+
+def _prepare(runtime: dict) -> int:
+    """In a probe child: thread counts (OMP/MKL), MKL's AMD switch, as the engines' benchmark children run."""
     from omegaconf import OmegaConf
 
     from ernie_lab import runtime as rt
 
-    rt.prepare(OmegaConf.create(runtime))  # thread counts (OMP/MKL), MKL's AMD switch: as the engines run
+    rt.prepare(OmegaConf.create(runtime))
+    return int(runtime["threads"])
+
+
+def is_bf16_rounded(out, ref) -> bool:
+    """Whether a GEMM's result carries bf16's rounding (8-bit mantissa: ~1e-3 relative), which an fp32 GEMM run
+    under bf16's name would not (~1e-6): an engine that quietly ran fp32 must not set the bf16 peak."""
     import numpy as np
+
+    error = float(np.abs(np.asarray(out, dtype=np.float32) - ref).max() / np.abs(ref).max())
+    return 1e-4 < error < 2e-2
+
+
+def _probe_paddle(runtime: dict, seconds: float) -> tuple[dict, dict]:
+    """numpy's BLAS and Paddle: eager matmul, and Paddle Inference's oneDNN fc (the kernel its FP32 and BF16
+    benchmarks run) at fp32 and, on CPUs with bf16 GEMM instructions, bf16."""
+    threads = _prepare(runtime)
     from threadpoolctl import threadpool_limits
 
-    threads, size = int(runtime["threads"]), 1024
-    flops = 2.0 * size**3
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((size, size), dtype=np.float32)
-    b = rng.standard_normal((size, size), dtype=np.float32)
+    from ernie_lab.runtime import has_bf16
+
+    a, b = _operands()
+    flops = 2.0 * GEMM_SIZE**3
     with threadpool_limits(limits=threads):
-        numpy_fp32 = _best_rate(lambda: a @ b, flops, seconds)
+        rates = {("fp32", "numpy"): _best_rate(lambda: a @ b, flops, seconds)}
+        import paddle
+
+        pa, pb = paddle.to_tensor(a), paddle.to_tensor(b)
+        rates[("fp32", "paddle")] = _best_rate(lambda: paddle.matmul(pa, pb).numpy(), flops, seconds)
+    notes = {}
+    predictors = {"fp32": False, **({"bf16": True} if has_bf16() else {})}
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ernie-lab-gemm-") as tmp:
+        ref = None
+        for precision, bf16 in predictors.items():
+            try:
+                run, flops_per_call = _paddle_inference_gemm(tmp, a, b, threads, bf16)
+                if bf16:
+                    ref = (a @ b) @ b if ref is None else ref
+                    if not is_bf16_rounded(run(), ref):
+                        notes["paddle_inference bf16"] = "oneDNN did not run the GEMM in bf16 (fp32 rounding)"
+                        continue
+                rates[(precision, "paddle_inference")] = _best_rate(run, flops_per_call, seconds)
+            except Exception as exc:  # noqa: BLE001 - this engine cannot run the precision here: no figure from it
+                notes[f"paddle_inference {precision}"] = f"{type(exc).__name__}: {exc}"[:500]
+    return rates, notes
+
+
+def _paddle_inference_gemm(tmp: str, a, b, threads: int, bf16: bool):
+    """Two chained fc layers (x @ b + 0) @ b + 0 as a saved inference model, run by a Paddle Inference predictor with
+    oneDNN (bf16: enable_mkldnn_bfloat16; one fc alone stays fp32: oneDNN's bf16 placement drops isolated ops).
+    Returns (call -> output, FLOPs per call)."""
+    import os
+
+    import numpy as np
     import paddle
+    from paddle import inference
 
-    pa, pb = paddle.to_tensor(a), paddle.to_tensor(b)
-    paddle_fp32 = _best_rate(lambda: paddle.matmul(pa, pb).numpy(), flops, seconds)
-    out = {"fp32_gflops": max(numpy_fp32, paddle_fp32), "fp32_numpy_gflops": numpy_fp32,
-           "fp32_paddle_gflops": paddle_fp32, "gemm_size": size}
-    try:
-        out["int8_gflops"] = _ort_int8_rate(size, threads, seconds)
-        out["int8_source"] = "onnxruntime MatMulInteger u8s8"
-    except ImportError:  # ONNX Runtime not installed: no int8 roofline
-        pass
+    prefix = os.path.join(tmp, "gemm")
+    if not os.path.exists(prefix + ".pdmodel"):
+        paddle.enable_static()
+        main, startup = paddle.static.Program(), paddle.static.Program()
+        with paddle.static.program_guard(main, startup):
+            x = paddle.static.data("x", list(a.shape), "float32")
+            h = x
+            for i in range(2):
+                w = paddle.create_parameter(list(b.shape), "float32", name=f"w{i}",
+                                            default_initializer=paddle.nn.initializer.Assign(b))
+                bias = paddle.create_parameter([b.shape[1]], "float32", name=f"b{i}",
+                                               default_initializer=paddle.nn.initializer.Constant(0.0))
+                h = paddle.matmul(h, w) + bias
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        exe.run(startup)
+        paddle.static.save_inference_model(prefix, [x], [h], exe, program=main)
+        paddle.disable_static()
+    config = inference.Config(prefix + ".pdmodel", prefix + ".pdiparams")
+    config.disable_gpu()
+    config.enable_mkldnn()
+    config.set_cpu_math_library_num_threads(threads)
+    if bf16:
+        config.enable_mkldnn_bfloat16()
+    config.disable_glog_info()
+    predictor = inference.create_predictor(config)
+    feed = predictor.get_input_handle(predictor.get_input_names()[0])
+    fetch = predictor.get_output_handle(predictor.get_output_names()[0])
+    x_in = np.ascontiguousarray(a)
+
+    def run():
+        feed.copy_from_cpu(x_in)
+        predictor.run()
+        return fetch.copy_to_cpu()
+
+    return run, 2 * 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+
+
+def _probe_onnxruntime(runtime: dict, seconds: float) -> tuple[dict, dict]:
+    threads = _prepare(runtime)
+    import onnxruntime  # noqa: F401 - not installed: ImportError, the engine is skipped
+
+    a, b = _operands()
+    rates = {("int8", "onnxruntime"): _ort_int8_rate(GEMM_SIZE, threads, seconds)}
+    session = _ort_session(_ort_fp32_model(b), threads)
+    rates[("fp32", "onnxruntime")] = _best_rate(lambda: session.run(None, {"a": a}), 2.0 * GEMM_SIZE**3, seconds)
+    return rates, {}
+
+
+def _probe_openvino(runtime: dict, seconds: float) -> tuple[dict, dict]:
+    threads = _prepare(runtime)
+    import openvino  # noqa: F401 - not installed: ImportError, the engine is skipped
+
+    from ernie_lab.runtime import has_bf16
+
+    a, b = _operands()
+    flops = 2.0 * GEMM_SIZE**3
+    f32 = _openvino_matmul(b, threads, "f32")
+    rates = {("fp32", "openvino"): _best_rate(lambda: f32(a), flops, seconds)}
+    int8 = _openvino_int8_matmul(GEMM_SIZE, threads)
+    x8 = a.clip(-4, 4)
+    rates[("int8", "openvino")] = _best_rate(lambda: int8(x8), flops, seconds)
+    notes = {}
     # elsewhere OpenVINO would quietly run the "bf16" MatMul in fp32, and the peak would be fp32's
-    if rt.has_bf16():
-        try:
-            out["bf16_gflops"] = _openvino_bf16_rate(a, b, threads, seconds)
-            out["bf16_source"] = "openvino MatMul, inference precision bf16"
-        except ImportError:  # OpenVINO not installed: no bf16 roofline
-            pass
-    return out
+    if has_bf16():
+        bf16 = _openvino_matmul(b, threads, "bf16")
+        if is_bf16_rounded(bf16(a), a @ b):
+            rates[("bf16", "openvino")] = _best_rate(lambda: bf16(a), flops, seconds)
+        else:
+            notes["openvino bf16"] = "the CPU plugin did not run the GEMM in bf16 (fp32 rounding)"
+    return rates, notes
 
 
-def _openvino_bf16_matmul(b, threads: int):
-    """x -> x @ b as OpenVINO's CPU plugin runs it with a bf16 inference precision (oneDNN's bf16 GEMM)."""
+# The probes, one child process per engine: one engine's crash (issue #20) or absence costs only its own figures.
+PROBES = {"paddle": _probe_paddle, "onnxruntime": _probe_onnxruntime, "openvino": _probe_openvino}
+
+
+def _openvino_matmul(b, threads: int, precision: str = "bf16"):
+    """x -> x @ b as OpenVINO's CPU plugin runs it with `precision` as its inference precision (bf16: oneDNN's
+    bf16 GEMM)."""
     import openvino as ov
     import openvino.opset13 as ops
 
     x = ops.parameter(list(b.shape), ov.Type.f32, name="a")
-    model = ov.Model([ops.matmul(x, ops.constant(b), False, False)], [x], "bf16_gemm")
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16",
+    model = ov.Model([ops.matmul(x, ops.constant(b), False, False)], [x], f"{precision}_gemm")
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
                                                       "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    return lambda a: request.infer({0: a})[0]
+
+
+def _openvino_bf16_matmul(b, threads: int):
+    return _openvino_matmul(b, threads, "bf16")
+
+
+def _openvino_int8_matmul(size: int, threads: int, compiled_out: list | None = None):
+    """x -> FakeQuantize(x, u8) @ (i8 weights * scale): the pattern of an NNCF-quantized Linear, which the CPU
+    plugin runs as an int8 FullyConnected (u8 x i8, VNNI where the CPU has it)."""
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(0)
+    weight = rng.integers(-127, 128, (size, size), dtype=np.int8)
+    x = ops.parameter([size, size], ov.Type.f32, name="a")
+    low, high = ops.constant(np.float32(-4.0)), ops.constant(np.float32(4.0))
+    quantized = ops.fake_quantize(x, low, high, low, high, 256)
+    dequantized = ops.multiply(ops.convert(ops.constant(weight), ov.Type.f32), ops.constant(np.float32(0.01)))
+    model = ov.Model([ops.matmul(quantized, dequantized, False, False)], [x], "int8_gemm")
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                      "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+    if compiled_out is not None:
+        compiled_out.append(compiled)
     request = compiled.create_infer_request()
     return lambda a: request.infer({0: a})[0]
 
@@ -179,9 +368,32 @@ def _openvino_bf16_rate(a, b, threads: int, seconds: float) -> float:
     return _best_rate(lambda: matmul(a), 2.0 * a.shape[0] ** 3, seconds)
 
 
+def _ort_session(model, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _ort_fp32_model(b):
+    from onnx import TensorProto, helper, numpy_helper
+
+    size = b.shape[0]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "w"], ["y"])], "fp32_gemm",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [size, size])],
+        [numpy_helper.from_array(b, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
 def _ort_int8_rate(size: int, threads: int, seconds: float) -> float:
     import numpy as np
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -194,10 +406,7 @@ def _ort_int8_rate(size: int, threads: int, seconds: float) -> float:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = _ort_session(model, threads)
     a = rng.integers(0, 256, (size, size), dtype=np.uint8)
     return _best_rate(lambda: session.run(None, {"a": a}), 2.0 * size**3, seconds)
 
@@ -217,10 +426,13 @@ def run_metrics(shapes: dict, batch_shapes: Sequence[tuple[int, int]], features:
         params = {"roofline.isa": peak["isa"], "roofline.threads": peak["threads"],
                   **{f"roofline.peak_{k}": round(v, 2) if isinstance(v, float) else v
                      for k, v in peak.items() if k.endswith("_gflops")}}
+        params.update({f"roofline.{k}": v for k, v in peak.items() if k.endswith("_source")})
         probe = PEAK_OF.get(precision)
         if probe and f"{probe}_gflops" in peak:
             metrics["perf/roofline_pct"] = 100.0 * gflops / peak[f"{probe}_gflops"]
             params["roofline.peak_used"] = f"{probe}_gflops"
+            if f"{probe}_source" in peak:  # which engine's GEMM the percentage is of
+                params["roofline.peak_source"] = peak[f"{probe}_source"]
             if metrics["perf/roofline_pct"] > 100:
                 # the probe's peak is too low: it ran while other processes held the cores
                 params["roofline.warning"] = (f"above the probed {probe} peak ({peak['measured_at']}): the probe ran on "
