@@ -63,9 +63,9 @@ def check_precision(runtime: DictConfig, precision: str) -> None:
 def hardware_gap(runtime: DictConfig, precision: str) -> str | None:
     """Why this machine cannot run a precision that its runtime supports in general, or None."""
     if precision == "fp16" and runtime.device == "cpu" and fp16_arithmetic() is None:
-        # OpenVINO's CPU plugin would quietly keep f32 and the row would be mislabelled.
+        # OpenVINO's CPU plugin would quietly run another precision (bf16 on a Zen 4) and the row would be mislabelled.
         return (f"precision=fp16 needs a CPU with FP16 arithmetic ({' or '.join(FP16_FLAGS)}); this one "
-                f"({cpu_model()}) has neither, and runtime={runtime.name} would run f32 instead. {instead('fp16')}")
+                f"({cpu_model()}) has neither, and runtime={runtime.name} would run another precision instead. {instead('fp16')}")
     if precision == "bf16" and runtime.device == "cpu":
         if not has_bf16():
             # Paddle Inference would quietly fall back to FP32 and the run would be mislabelled.

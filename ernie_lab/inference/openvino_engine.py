@@ -32,7 +32,8 @@ OVERFLOW_FIX = {"auto": None, "enable": "ENABLE", "first_layer_only": "FIRST_LAY
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
 # INFERENCE_PRECISION_HINT per precision: without an explicit f32, the CPU plugin runs "FP32" as BF16 on CPUs
 # with AVX512-BF16/AMX. INT8 models keep their float parts in f32. On a CPU without FP16 arithmetic the plugin
-# quietly compiles an f16 hint as f32, which is why the compiled precision is read back (OpenVinoBackend).
+# quietly compiles an f16 hint as something else (bf16 on a Zen 4 with AVX512-BF16, f32 elsewhere), which is why the
+# compiled precision is read back (OpenVinoBackend).
 INFERENCE_PRECISION = {"fp32": "f32", "int8": "f32", "bf16": "bf16", "fp16": "f16"}
 COMPILED_CACHE = "compiled"
 
