@@ -29,6 +29,8 @@ def test_pipeline_trains_compresses_benchmarks_and_writes_the_table(tmp_path):
     text = table.read_text()
     assert "tiny+FP32" in text and "tiny+INT8" in text and "TNEWS accuracy" in text
     assert "tiny+pruned(w0.67)+FP32" in text and "tiny+pruned(w0.67)+INT8" in text
+    # FP32 rows named no runtime: runtime=auto picked Paddle Inference, and the report says why
+    assert "## Engines picked by runtime=auto\n- FP32 on Paddle Inference: " in text, text
     # the time each stage took, per task, is in the report and on the parent run: nobody copies it by hand
     (tnews_times,) = [line for line in text.splitlines() if line.startswith("| tnews |")]
     train_min, compress_min, infer_min, total_min = (float(x) for x in tnews_times.strip("| ").split(" | ")[1:])

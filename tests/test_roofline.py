@@ -180,3 +180,27 @@ def test_paddle_inference_bf16_probe_runs_bf16_arithmetic():
 
     rounded = run_in_child(paddle_inference_rounding, (256,), engine="paddle", precision="bf16", model="probe")
     assert rounded == {"fp32": False, "bf16": True}
+
+
+def test_a_run_faster_than_the_cached_peak_probes_again_and_peaks_only_rise(monkeypatch, tmp_path):
+    """A cached peak probed while the cores were busy reads low; a model that runs faster than it proves it so. The
+    run re-probes once, keeps each engine's faster rate, and reads at most 100% when the new probe is right."""
+    cache = tmp_path / "peaks.json"
+    key = roofline.machine_key(1)
+    busy = {"isa": "test", "threads": 1, "gemm_size": 1024, "measured_at": "2000-01-01T00:00:00+00:00",
+            "fp32_fast_gflops": 300.0, "int8_fast_gflops": 400.0, "int8_slow_gflops": 100.0}
+    cache.write_text(json.dumps({key: {**busy, **roofline.best_of(busy)}}))
+    monkeypatch.setattr(roofline, "PROBES", {"fast": fast_probe, "slow": slow_probe})  # int8: fast 900, slow 1200
+    cfg = OmegaConf.create({"benchmark": {"roofline": {"enabled": True, "cache_file": str(cache), "probe_seconds": 0.01}},
+                            "runtime": {"name": "cpu", "device": "cpu", "threads": 1}, "precision": {"name": "int8"},
+                            "model": {**MEDIUM, "num_hidden_layers": 1}})
+    shapes = roofline.model_shapes(cfg.model, {}, tnews_like())
+    batch_shapes = [(32, 64)]
+    gflop = roofline.pass_flops(shapes, batch_shapes) / 32 / 1e9
+    qps_for_800 = 800.0 / gflop  # a run at 800 GFLOP/s: double the cached int8 peak, below the true 1200
+    metrics, params = roofline.for_run(cfg, tnews_like(), {}, batch_shapes, 32, 32, qps_for_800)
+    assert params["roofline.reprobed"] is True and params["roofline.peak_int8_gflops"] == 1200.0
+    assert metrics["perf/roofline_pct"] == pytest.approx(100 * 800 / 1200) and "roofline.warning" not in params
+    stored = json.loads(cache.read_text())[key]
+    assert stored["int8_fast_gflops"] == 900.0 and stored["fp32_fast_gflops"] == 300.0  # per engine, the faster
+    assert stored["int8_source"].startswith("slow")

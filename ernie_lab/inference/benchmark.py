@@ -134,9 +134,11 @@ def infer(cfg: DictConfig, run: TrackedRun) -> dict:
         **({"fp16_arithmetic": fp16_arithmetic() or "none"} if cfg.precision.name == "fp16" and cfg.runtime.device == "cpu" else {}),
         **({"width_mult": f"{manifest['pruning']['width_mult']:.2f}"} if "pruning" in manifest else {}),
     }, title=f"{cfg.task.name} · {cfg.model.name} · {label} · {cfg.precision.name}")
-    return {"task": cfg.task.name, "model": cfg.model.name, "strategy": label, "precision": cfg.precision.name,
-            "device": cfg.runtime.device, "runtime_label": engine_label, "primary_metric": task.primary_metric,
-            "predictions": str(path), **metrics}
+    # the same fields results.results_from_runs reads back from the run (the main job's report takes these)
+    return {"task": cfg.task.name, "model": cfg.model.name, "model_init": cfg.model.init, "strategy": label,
+            "precision": cfg.precision.name, "device": cfg.runtime.device, "runtime_label": engine_label,
+            "runtime_choice": cfg.runtime.get("reason", ""), "eval_examples": str(len(examples)),
+            "primary_metric": task.primary_metric, "predictions": str(path), **metrics}
 
 
 def _record(run: TrackedRun, metrics: dict, params: dict, tags: dict, title: str) -> None:

@@ -98,20 +98,48 @@ def machine_key(threads: int) -> str:
     return f"{cpu_model()}|flags:{hashlib.sha256(flags.encode()).hexdigest()[:12]}|threads:{threads}|v{PROBE_VERSION}"
 
 
-def peaks(runtime: dict, cache_file: Path, seconds: float = 0.5) -> dict:
+def peaks(runtime: dict, cache_file: Path, seconds: float = 0.5, reprobe: bool = False) -> dict:
     """This machine's GEMM peaks at runtime['threads'] (GFLOP/s per precision, the ISA, the probe's details),
-    from `cache_file` when it holds this machine's key, else probed in fresh processes and added to it."""
+    from `cache_file` when it holds this machine's key, else probed in fresh processes and added to it. `reprobe`:
+    probe again and keep, per engine, the faster of the cached and the new rate (a probe on a busy CPU reads low,
+    never high), so the peaks only ever rise towards the truth."""
     threads = int(runtime["threads"])
     key = machine_key(threads)
     cached = artifacts.read_json(cache_file) if cache_file.is_file() else {}
-    if key in cached:
+    if key in cached and not reprobe:
         return cached[key]
     found = {"isa": isa_name(cpu_flag_set()), "threads": threads, "measured_at": artifacts.now_iso(),
              "gemm_size": GEMM_SIZE, **probe_all(runtime, seconds)}
+    if key in cached:
+        rates = {k: v for k, v in cached[key].items() if _is_engine_rate(k)}
+        for k, v in found.items():
+            if _is_engine_rate(k):
+                rates[k] = max(v, rates.get(k, 0.0))
+        found.update(rates)
+        found.update(best_of(rates))
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     latest = artifacts.read_json(cache_file) if cache_file.is_file() else {}
     artifacts.write_json_atomic(cache_file, {**latest, key: found})
     return found
+
+
+def _is_engine_rate(key: str) -> bool:
+    """`fp32_numpy_gflops` and the like: one engine's rate (not a precision's peak, `fp32_gflops`)."""
+    return key.endswith("_gflops") and key.split("_")[0] in PEAK_OF and key.count("_") >= 2
+
+
+def best_of(rates: dict[str, float]) -> dict:
+    """Each precision's peak (`<precision>_gflops`) as the fastest of its engines' rates (`<precision>_<engine>
+    _gflops`), with the engine that gave it (`<precision>_source`)."""
+    out = {}
+    for precision in PEAK_OF:
+        engines = {k[len(precision) + 1:-len("_gflops")]: v for k, v in rates.items()
+                   if k.startswith(f"{precision}_") and _is_engine_rate(k)}
+        if engines:
+            best = max(engines, key=engines.get)
+            out[f"{precision}_gflops"] = engines[best]
+            out[f"{precision}_source"] = f"{best}: {SOURCES.get((precision, best), best)}"
+    return out
 
 
 GEMM_SIZE = 1024
@@ -153,12 +181,7 @@ def probe_all(runtime: dict, seconds: float) -> dict:
         rates.update({(precision, name): rate for (precision, name), rate in got.items()})
         skipped.update(notes)
     out: dict = {f"{precision}_{name}_gflops": rate for (precision, name), rate in sorted(rates.items())}
-    for precision in ("fp32", "int8", "bf16"):
-        engines = {name: rate for (p, name), rate in rates.items() if p == precision}
-        if engines:
-            best = max(engines, key=engines.get)
-            out[f"{precision}_gflops"] = engines[best]
-            out[f"{precision}_source"] = f"{best}: {SOURCES.get((precision, best), best)}"
+    out.update(best_of(out))
     if skipped:
         out["probe_skipped"] = skipped
     return out
@@ -434,7 +457,7 @@ def run_metrics(shapes: dict, batch_shapes: Sequence[tuple[int, int]], features:
             if f"{probe}_source" in peak:  # which engine's GEMM the percentage is of
                 params["roofline.peak_source"] = peak[f"{probe}_source"]
             if metrics["perf/roofline_pct"] > 100:
-                # the probe's peak is too low: it ran while other processes held the cores
+                # the probe's peak is too low: it ran while other processes held the cores (for_run re-probes once)
                 params["roofline.warning"] = (f"above the probed {probe} peak ({peak['measured_at']}): the probe ran on "
                                               "a busy CPU; delete its entry in benchmark.roofline.cache_file to re-probe")
     return metrics, params
@@ -452,10 +475,22 @@ def for_run(cfg, task, manifest: dict, batch_shapes: Sequence[tuple[int, int]], 
     cache_file = Path(settings.cache_file) if settings is not None and settings.get("cache_file") else default_cache_file()
     seconds = float(settings.probe_seconds) if settings is not None else 0.5
     peak = None
+    runtime = OmegaConf.to_container(cfg.runtime, resolve=True)
     if cfg.runtime.device == "cpu":
-        peak = peaks(OmegaConf.to_container(cfg.runtime, resolve=True), cache_file, seconds)
+        peak = peaks(runtime, cache_file, seconds)
     shapes = model_shapes(cfg.model, manifest, task)
-    return run_metrics(shapes, batch_shapes, features, examples, qps_engine, cfg.precision.name, peak)
+    metrics, params = run_metrics(shapes, batch_shapes, features, examples, qps_engine, cfg.precision.name, peak)
+    if metrics.get("perf/roofline_pct", 0) > 100 and peak.get("measured_at", "") < _started:
+        # A model faster than the cached GEMM peak proves that peak low (probed on a busy CPU): probe again now,
+        # once per process, keeping each engine's faster rate.
+        peak = peaks(runtime, cache_file, seconds, reprobe=True)
+        metrics, params = run_metrics(shapes, batch_shapes, features, examples, qps_engine, cfg.precision.name, peak)
+        params["roofline.reprobed"] = True
+    return metrics, params
+
+
+# When this process started: a peak measured since is not probed again.
+_started = artifacts.now_iso()
 
 
 def default_cache_file() -> Path:
