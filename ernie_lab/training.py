@@ -137,6 +137,9 @@ class FineTuning:
         self.best: dict = {"metric": -math.inf}
         self.history: list[dict] = []
         self.losses: list[float] = []
+        # this process's steps, for train/gflops: their (rows, padded length) and the seconds spent in them
+        self.step_shapes: list[tuple[int, int]] = []
+        self.step_seconds = 0.0
 
     def run(self) -> dict:
         check_train_settings(self.cfg)
@@ -248,6 +251,7 @@ class FineTuning:
         """One optimizer step on the global batch `indices`; the recent mean loss when it is logged, else None."""
         import paddle
 
+        started = time.perf_counter()
         chunk = [self.train_features[i] for i in indices]
         # this process's share of the global batch (a share left empty by a short last batch repeats its first
         # example: every process must take part in the gradient exchange)
@@ -264,6 +268,8 @@ class FineTuning:
         self.optimizer.clear_grad()
         self.step += 1
         self.losses.append(float(loss))
+        self.step_seconds += time.perf_counter() - started
+        self.step_shapes.append(tuple(int(x) for x in batch["input_ids"].shape))
         every = int(self.tc.log_every_steps)
         if self.step % every == 0 or self.step == self.total_steps:
             recent = float(np.mean(self.losses[-every:]))
@@ -297,9 +303,14 @@ class FineTuning:
 
     def summarize(self, elapsed: float, first_step: int) -> dict:
         """Log and print the run's summary and selection history; the result train.py returns."""
+        from ernie_lab.inference import roofline
+
         first, last = loss_ends(self.losses)
         best, name = self.best, self.cfg.task.name
+        speed, speed_params = roofline.for_training(self.cfg, self.task, self.step_shapes, self.step_seconds)
+        self.run_log.log_params(speed_params)
         self.run_log.log_metrics({
+            **speed,
             "train/loss_first": first,
             "train/loss_last": last,
             "train/seconds": elapsed,
@@ -315,6 +326,9 @@ class FineTuning:
         ))
         console.print(f"best {self.task.primary_metric} {best['metric']:.2f} at step {best['step']}; "
                       f"checkpoint: {self.out_dir}")
+        if speed:
+            pct = f", {speed['train/roofline_pct']:.0f}% of the fp32 GEMM peak" if "train/roofline_pct" in speed else ""
+            console.print(f"training steps ran at {speed['train/gflops']:.1f} GFLOP/s{pct}")
         return {"checkpoint": str(self.out_dir), "loss_first": first, "loss_last": last, **best}
 
 

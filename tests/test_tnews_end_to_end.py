@@ -10,7 +10,7 @@ import pytest
 
 from ernie_lab import artifacts
 from ernie_lab.tracking import find_runs
-from tests.conftest import isolated_overrides, make_cfg, run_stage
+from tests.conftest import isolated_overrides, make_cfg, run_stage, task_for
 
 TINY = [
     "model=tiny",
@@ -55,6 +55,21 @@ def test_training_loss_falls_and_best_checkpoint_is_saved(workdir, trained):
     assert (ckpt / "config.json").is_file() and (ckpt / "model_state.pdparams").is_file()
     state = json.loads((ckpt / "training_state.json").read_text())
     assert state["best"]["metric"] == pytest.approx(trained["metric"])
+
+
+def test_training_logs_its_gflops_and_share_of_the_fp32_peak(workdir, trained):
+    from ernie_lab.inference import roofline
+    from ernie_lab.tracking import find_runs
+
+    (run,) = find_runs(cfg_for(workdir).tracking, "tags.stage = 'train'")
+    metrics = run.data.metrics
+    assert metrics["train/gflops"] > 0 and 0 < metrics["train/roofline_pct"] <= 100
+    # three forward passes' worth of FLOPs per step, on batches of at most 16 titles of at most max_seq_length tokens
+    cfg = cfg_for(workdir)
+    shapes = roofline.model_shapes(cfg.model, {}, task_for(cfg))
+    most = 3 * roofline.pass_flops(shapes, [(16, int(cfg.task.max_seq_length))]) / 1e9
+    assert 0 < metrics["train/gflop_per_step"] <= most
+    assert float(run.data.params["roofline.train_peak_fp32_gflops"]) > 0
 
 
 def test_exports_carry_a_manifest_and_match_dygraph(workdir, compressed):

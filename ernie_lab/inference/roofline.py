@@ -463,17 +463,24 @@ def run_metrics(shapes: dict, batch_shapes: Sequence[tuple[int, int]], features:
     return metrics, params
 
 
+def _settings(cfg) -> tuple[bool, Path, float]:
+    """benchmark.roofline: (enabled, cache file, probe seconds)."""
+    settings = cfg.benchmark.get("roofline")
+    if settings is not None and not settings.enabled:
+        return False, default_cache_file(), 0.5
+    cache_file = Path(settings.cache_file) if settings is not None and settings.get("cache_file") else default_cache_file()
+    return True, cache_file, float(settings.probe_seconds) if settings is not None else 0.5
+
+
 def for_run(cfg, task, manifest: dict, batch_shapes: Sequence[tuple[int, int]], examples: int, features: int,
             qps_engine: float) -> tuple[dict, dict]:
     """What infer.py logs about a run's roofline (see `run_metrics`), with the peak probed or read from the cache
     named by `benchmark.roofline`."""
     from omegaconf import OmegaConf
 
-    settings = cfg.benchmark.get("roofline")
-    if settings is not None and not settings.enabled:
+    enabled, cache_file, seconds = _settings(cfg)
+    if not enabled:
         return {}, {}
-    cache_file = Path(settings.cache_file) if settings is not None and settings.get("cache_file") else default_cache_file()
-    seconds = float(settings.probe_seconds) if settings is not None else 0.5
     peak = None
     runtime = OmegaConf.to_container(cfg.runtime, resolve=True)
     if cfg.runtime.device == "cpu":
@@ -487,6 +494,33 @@ def for_run(cfg, task, manifest: dict, batch_shapes: Sequence[tuple[int, int]], 
         metrics, params = run_metrics(shapes, batch_shapes, features, examples, qps_engine, cfg.precision.name, peak)
         params["roofline.reprobed"] = True
     return metrics, params
+
+
+# A training step computes the forward pass, the gradients of the activations and those of the weights: about
+# three times the forward FLOPs (the usual estimate; a frozen word table saves only a lookup's gradient).
+TRAIN_FLOPS_PER_FORWARD = 3
+
+
+def for_training(cfg, task, batch_shapes: Sequence[tuple[int, int]], seconds: float) -> tuple[dict, dict]:
+    """train/gflops of the steps a training ran (`batch_shapes` of this process, `seconds` spent in them, data
+    collation included) and train/roofline_pct against this CPU's fp32 GEMM peak at the training's threads."""
+    from omegaconf import OmegaConf
+
+    if not batch_shapes or seconds <= 0:
+        return {}, {}
+    flops = TRAIN_FLOPS_PER_FORWARD * pass_flops(model_shapes(cfg.model, {}, task), batch_shapes)
+    gflops = flops / seconds / 1e9
+    metrics = {"train/gflops": gflops, "train/gflop_per_step": flops / len(batch_shapes) / 1e9}
+    enabled, cache_file, probe_seconds = _settings(cfg)
+    if not enabled or cfg.runtime.device != "cpu":
+        return metrics, {}
+    runtime = {**OmegaConf.to_container(cfg.runtime, resolve=True), "threads": int(cfg.train.threads)}
+    peak = peaks(runtime, cache_file, probe_seconds)
+    if "fp32_gflops" not in peak:
+        return metrics, {}
+    metrics["train/roofline_pct"] = 100.0 * gflops / peak["fp32_gflops"]
+    return metrics, {"roofline.train_peak_fp32_gflops": round(peak["fp32_gflops"], 2),
+                     "roofline.train_peak_source": peak.get("fp32_source", "")}
 
 
 # When this process started: a peak measured since is not probed again.
