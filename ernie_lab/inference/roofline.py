@@ -400,36 +400,35 @@ def _ort_session(model, threads: int):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _ort_fp32_model(b):
-    from onnx import TensorProto, helper, numpy_helper
+def _ort_gemm_model(op: str, weight, input_type: int, output_type: int):
+    """An ONNX model of one GEMM node, a @ weight (`MatMul` or `MatMulInteger`), with `weight` as its initializer."""
+    from onnx import helper, numpy_helper
 
-    size = b.shape[0]
+    size = weight.shape[0]
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "w"], ["y"])], "fp32_gemm",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [size, size])],
-        [numpy_helper.from_array(b, "w")],
+        [helper.make_node(op, ["a", "w"], ["y"])], f"{op}_gemm",
+        [helper.make_tensor_value_info("a", input_type, [size, size])],
+        [helper.make_tensor_value_info("y", output_type, [size, size])],
+        [numpy_helper.from_array(weight, "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     return model
 
 
+def _ort_fp32_model(b):
+    from onnx import TensorProto
+
+    return _ort_gemm_model("MatMul", b, TensorProto.FLOAT, TensorProto.FLOAT)
+
+
 def _ort_int8_rate(size: int, threads: int, seconds: float) -> float:
     import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto
 
     rng = np.random.default_rng(0)
     weight = rng.integers(-127, 128, (size, size), dtype=np.int8)
-    graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "int8_gemm",
-        [helper.make_tensor_value_info("a", TensorProto.UINT8, [size, size])],
-        [helper.make_tensor_value_info("y", TensorProto.INT32, [size, size])],
-        [numpy_helper.from_array(weight, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    session = _ort_session(model, threads)
+    session = _ort_session(_ort_gemm_model("MatMulInteger", weight, TensorProto.UINT8, TensorProto.INT32), threads)
     a = rng.integers(0, 256, (size, size), dtype=np.uint8)
     return _best_rate(lambda: session.run(None, {"a": a}), 2.0 * size**3, seconds)
 
