@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ernie_lab.errors import crash_status
+from ernie_lab.errors import ENGINE_TITLES, crash_status
 from ernie_lab.reporting import console, table
 
 TASK_TITLES = {"tnews": "TNEWS", "msra_ner": "MSRA_NER", "cmrc2018": "CMRC2018"}
@@ -123,7 +123,7 @@ def engine_choices(results: list[dict]) -> str:
     seen: dict[tuple[str, str], str] = {}
     for r in results:
         if r.get("runtime_choice") and not r.get("borrowed_from"):
-            engine = ENGINE_TITLES.get(engine_of(r), engine_of(r))
+            engine = engine_title(r)
             seen.setdefault((r["precision"], engine), r["runtime_choice"])
     if not seen:
         return ""
@@ -197,12 +197,17 @@ def roofline_note(r: dict) -> str:
     return f" [{r['perf/gflops']:.1f} GFLOP/s" + (f", {pct:.0f}%]" if pct is not None else "]")
 
 
-ENGINE_TITLES = {"": "Paddle Inference", "onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
 
 
 def engine_of(r: dict) -> str:
     """The library that ran a result: the first word of its runtime label (empty: Paddle Inference)."""
     return r.get("runtime_label", "").split(" ")[0]
+
+
+def engine_title(r: dict) -> str:
+    """The engine of a result as a user reads it (`Paddle Inference`, `ONNX Runtime`, `OpenVINO`)."""
+    engine = engine_of(r) or "paddle"
+    return ENGINE_TITLES.get(engine, engine)
 
 
 def budget_reference(results: list[dict], task: str) -> dict | None:
@@ -245,7 +250,7 @@ def engine_ranking(results: list[dict], model: str, budget: float = 0.5) -> str:
             continue
         metric = ranked[0]["primary_metric"]
         order = " > ".join(
-            f"{ENGINE_TITLES.get(engine_of(r), engine_of(r))} {r['perf/qps']:.2f} QPS "
+            f"{engine_title(r)} {r['perf/qps']:.2f} QPS "
             f"({variant_name(model, r['strategy'], r['precision'], r.get('runtime_label', ''))}, "
             f"{metric} {r[f'eval/{metric}']:.2f}{roofline_note(r)})"
             for r in ranked
@@ -254,7 +259,7 @@ def engine_ranking(results: list[dict], model: str, budget: float = 0.5) -> str:
         top = ranked[0]
         rows.append([title, variant_name(model, top["strategy"], top["precision"], top.get("runtime_label", "")),
                      f"{top['perf/qps']:.2f}{roofline_note(top)}", f"{top[f'eval/{metric}']:.2f}",
-                     " > ".join(ENGINE_TITLES.get(engine_of(r), engine_of(r)) for r in ranked)])
+                     " > ".join(engine_title(r) for r in ranked)])
     if rows:
         console.print(table(f"Fastest variant per task within {budget:g} point of FP32, all engines",
                             ["task", "fastest variant", "QPS", "metric", "engines, fastest first"], _plain(rows)))
