@@ -15,6 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from ernie_lab import stages
 from ernie_lab.cli import call_stage, check_config, command_errors, prepare_cli, prepare_runtime
 from ernie_lab.config import resolve_runtime
 from ernie_lab.errors import ConfigError, EngineCrashed, ErnieLabError
@@ -137,15 +138,28 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
     parent.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
     if skipped:
         parent.log_text("\n".join(skipped), "skipped_variants.txt")
-    results, failures, crashed = [], [], []
+    results, failures, crashed, reused = [], [], [], []
     minutes: dict[str, dict[str, float]] = {}  # task -> stage -> wall-clock minutes, failed stages included
 
     def stage(name: str, extra: list[str]):
         stage_cfg = _stage_config(user_overrides, extra)
+        key, task = stages.stage_key(name, extra), stage_cfg.task.name
+        found = stages.find_reusable(name, key, stage_cfg) if p.resume else None
+        if found is not None:  # finished by an earlier run of this command, with these settings and inputs
+            reused.append(f"{task}: {found.describe()}")
+            console.print(f"[green]reused[/] {task} {found.describe()}")
+            spent = minutes.setdefault(task, {})
+            spent[name] = spent.get(name, 0.0) + found.minutes  # the time it took when it ran
+            return found.result
         started = time.perf_counter()
         try:
             with tracked_run(stage_cfg, name, parent_run_id=parent.run_id) as run:
-                return call_stage(name, stage_cfg, run)
+                result = call_stage(name, stage_cfg, run)
+            # a resumed training's minutes include those of the attempts it continues
+            spent_minutes = max((time.perf_counter() - started) / 60,
+                                result.get("seconds_all_attempts", 0.0) / 60 if isinstance(result, dict) else 0.0)
+            stages.write_record(name, key, stage_cfg, result, run.run_id, spent_minutes)
+            return result
         except Exception as exc:  # record, report, and go on with the next task
             failures.append(f"{name} {' '.join(extra)}: {type(exc).__name__}: {exc}")
             if name == "infer" and isinstance(exc, EngineCrashed):  # a row of the table, with the crash as its status
@@ -168,13 +182,16 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
             if result is not None:
                 results.append(result)
 
+    if reused:
+        parent.log_text("\n".join(reused), "reused_stages.txt")
+        parent.set_tags({"reused_stages": len(reused)})
     if minutes:
         rows = time_rows(minutes)
         console.print(table("Wall-clock minutes per task and stage", ["task", "train", "compress", "infer", "total"], rows))
         parent.log_metrics({f"time/{task}_minutes": total for task, *_, total in rows if task != "all tasks"})
     if results or crashed:
         results_file = write_report(results + crashed, Path(HydraConfig.get().runtime.output_dir), parent,
-                                    minutes=minutes)
+                                    minutes=minutes, reused=reused)
         console.print(f"table and Pareto charts written beside {results_file}")
     if failures:
         parent.log_text("\n".join(failures), "failed_stages.txt")

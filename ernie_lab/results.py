@@ -356,7 +356,7 @@ def task_models(results: list[dict]) -> dict[str, str]:
 
 
 def write_report(results: list[dict], out_dir: Path, parent=None, budget: float = 0.5,
-                 minutes: dict[str, dict[str, float]] | None = None) -> Path:
+                 minutes: dict[str, dict[str, float]] | None = None, reused: list[str] | None = None) -> Path:
     """results.md and one Pareto PNG per task into `out_dir`, also logged on `parent` (anything with a TrackedRun's
     `log_text`/`log_artifact`). `minutes` (task -> stage -> minutes) adds the main job's time table. Where tasks
     ran different models (the quick start's per-task depths), a line names each task's and the rows name none."""
@@ -372,6 +372,8 @@ def write_report(results: list[dict], out_dir: Path, parent=None, budget: float 
     markdown += engine_comparison(figures) + engine_ranking(figures, model, budget)
     if minutes:
         markdown += time_section(minutes)
+    if reused:  # a resumed pipeline: these stages' rows and minutes come from the run that made them
+        markdown += "\n## Stages reused from an earlier run of the same command\n" + "".join(f"- {r}\n" for r in reused)
     (out_dir / "results.md").write_text(markdown, encoding="utf-8")
     charts = [pareto_chart(figures, t, m, out_dir / f"pareto_{t}.png") for t, m in task_models(figures).items()]
     if parent is not None:

@@ -310,6 +310,7 @@ SCHEMA: dict[str, Rule] = {
     "pipeline.strategies": ListOf(Choice("none", "ptq", "dynabert", "dynabert_ptq")),
     "pipeline.variants": ListOf(ListOf(Str(), nonempty=True)),
     "pipeline.int8_runtime": Choice("auto", "cpu", "gpu", "onnxruntime", "openvino"),
+    "pipeline.resume": Bool(),
     "report.sweep_id": Str(nullable=True),
     "report.filter": Str(nullable=True),
     "report.output_dir": Str(nullable=True),

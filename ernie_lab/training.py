@@ -13,6 +13,7 @@ share of each batch, gradients are averaged across processes, and only rank 0 ev
 steps, schedule, checkpoints and resume state are those of a single-process run with the same batch size."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -140,6 +141,8 @@ class FineTuning:
         # this process's steps, for train/gflops: their (rows, padded length) and the seconds spent in them
         self.step_shapes: list[tuple[int, int]] = []
         self.step_seconds = 0.0
+        # wall-clock seconds of the earlier attempts a resumed training continues, and when this one started
+        self.seconds_before, self.started = 0.0, time.perf_counter()
 
     def run(self) -> dict:
         check_train_settings(self.cfg)
@@ -151,7 +154,9 @@ class FineTuning:
         self.train()
         if not self.lead:
             return {"checkpoint": str(self.out_dir), "rank": self.rank}  # rank 0 reports
-        shutil.rmtree(self.state_dir, ignore_errors=True)  # finished: nothing to resume
+        # the checkpoint says it is complete before the state that could resume it goes (ernie_lab.stages reads it)
+        mark_finished(self.out_dir, self.settings, self.step)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
         return self.summarize(time.perf_counter() - started, first_step)
 
     def prepare(self) -> None:
@@ -210,6 +215,7 @@ class FineTuning:
         self.rng.bit_generator.state = saved["epoch_rng"]  # redraws the interrupted epoch's order
         self.step, self.start_epoch, self.first_batch = saved["step"], saved["epoch"], saved["batch"]
         self.best, self.history, self.losses = saved["best"], saved["history"], saved["losses"]
+        self.seconds_before = float(saved.get("seconds", 0.0))
         self.run_log.set_tags({"resumed_from_step": self.step})
         console.print(f"[bold]resume[/] from step {self.step} (epoch {self.start_epoch + 1}, batch {self.first_batch}) "
                       f"in {self.state_dir}")
@@ -299,6 +305,7 @@ class FineTuning:
         save_train_state(self.state_dir, self.model, self.optimizer, {
             "settings": self.settings, "step": self.step, "epoch": epoch, "batch": batch, "epoch_rng": epoch_rng,
             "best": self.best, "history": self.history, "losses": self.losses, "saved_at": artifacts.now_iso(),
+            "seconds": self.seconds_before + time.perf_counter() - self.started,
         })
 
     def summarize(self, elapsed: float, first_step: int) -> dict:
@@ -329,7 +336,8 @@ class FineTuning:
         if speed:
             pct = f", {speed['train/roofline_pct']:.0f}% of the fp32 GEMM peak" if "train/roofline_pct" in speed else ""
             console.print(f"training steps ran at {speed['train/gflops']:.1f} GFLOP/s{pct}")
-        return {"checkpoint": str(self.out_dir), "loss_first": first, "loss_last": last, **best}
+        return {"checkpoint": str(self.out_dir), "loss_first": first, "loss_last": last,
+                "seconds_all_attempts": self.seconds_before + time.perf_counter() - self.started, **best}
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -398,6 +406,26 @@ def save_train_state(state_dir: Path, model, optimizer, progress_state: dict) ->
         paddle.save(model.state_dict(), str(tmp / "model.pdparams"))
         paddle.save(optimizer.state_dict(), str(tmp / "optimizer.pdopt"))
         (tmp / STATE_FILE).write_text(json.dumps(progress_state, default=str), encoding="utf-8")
+
+
+def settings_digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def mark_finished(out_dir: Path, settings: dict, steps: int) -> None:
+    """Note in the best checkpoint that the training which made it ran to its end, and with which settings."""
+    path = out_dir / "training_state.json"
+    state = artifacts.read_json(path)
+    state["finished"] = {"settings_sha256": settings_digest(settings), "steps": steps, "at": artifacts.now_iso()}
+    artifacts.write_json_atomic(path, state)
+
+
+def finished_training(cfg: DictConfig) -> dict | None:
+    """The fine-tuned checkpoint's training_state.json when a training with this config's settings ran to its
+    end, else None."""
+    state = artifacts.read_json(artifacts.finetuned_dir(cfg) / "training_state.json")
+    done = state.get("finished") or {}
+    return state if done.get("settings_sha256") == settings_digest(resume_settings(cfg)) else None
 
 
 def save_checkpoint(out_dir: Path, model, tokenizer, cfg: DictConfig, best: dict, n_params: int) -> None:

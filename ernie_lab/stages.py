@@ -1,0 +1,155 @@
+"""Stage records: what a finished pipeline stage made, from which settings and inputs, so that running the same
+pipeline command again continues where it stopped instead of starting over.
+
+    <artifacts_dir>/<model>/<init>/<task>/stages/<stage key>.json
+
+A record holds the stage's fingerprint (a hash of the config sections the stage reads and of the digests of the
+artifacts it reads), the digests of what it wrote, its result, its MLflow run and how long it took. A stage is
+reused when its record's fingerprint matches the one its config and inputs give now and its outputs are still
+the ones it wrote; otherwise it runs again (a training then resumes from its saved state, ernie_lab.training).
+Digests are of the small files every writer replaces last and atomically (a checkpoint's training_state.json, an
+export's manifest.json, a predictions file), each holding a creation time, so a rebuilt artifact never passes for
+the old one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ernie_lab import artifacts
+from ernie_lab.config import flatten
+
+RECORD_DIR = "stages"
+TRAINING_STATE = "training_state.json"
+# The config sections each stage reads; a change anywhere else (tracking, paths, other stages' settings) leaves
+# its record valid. Keys that change nothing the stage computes are dropped (NOT_FINGERPRINTED).
+SECTIONS = {
+    "train": ("seed", "task", "model", "train"),
+    "compress": ("seed", "task", "model", "strategy", "prune", "quantize"),
+    "infer": ("seed", "task", "model", "strategy", "precision", "runtime", "benchmark", "quantize"),
+}
+NOT_FINGERPRINTED = ("train.resume", "train.save_every_steps", "train.log_every_steps", "train.threads",
+                     "prune.train.log_every_steps")
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """A finished stage found again: its record, and what to say about it."""
+    record: dict
+
+    @property
+    def result(self):
+        return self.record["result"]
+
+    @property
+    def minutes(self) -> float:
+        return float(self.record.get("minutes", 0.0))
+
+    def describe(self) -> str:
+        return (f"{self.record['key']} finished {self.record['finished_at']} "
+                f"(run {self.record.get('run_id') or '-'}, {self.minutes:.1f} min)")
+
+
+def stage_key(stage: str, extra: list[str]) -> str:
+    """A file-safe name for one stage of one task: `train`, `compress-dynabert`, `infer-none-int8-runtime=openvino`."""
+    parts = [stage, *(e.split("=", 1)[1] if e.split("=", 1)[0] in ("strategy", "precision") else e
+                      for e in extra if not e.startswith("task="))]
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", "-".join(parts))
+
+
+def record_path(cfg: DictConfig, key: str) -> Path:
+    return artifacts.task_dir(cfg) / RECORD_DIR / f"{key}.json"
+
+
+def digest(path: Path) -> str | None:
+    """sha256 of a file, None when it is missing."""
+    if not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def settings(stage: str, cfg: DictConfig) -> dict:
+    """The flattened, resolved config sections `stage` reads."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    picked = {section: resolved.get(section) for section in SECTIONS[stage]}
+    return {k: v for k, v in flatten(picked).items() if k not in NOT_FINGERPRINTED}
+
+
+def input_files(stage: str, cfg: DictConfig) -> dict[str, Path]:
+    """The files whose digests stand for what `stage` reads (the fine-tuned checkpoint, the export)."""
+    if stage == "compress":
+        return {"finetuned": artifacts.finetuned_dir(cfg) / TRAINING_STATE}
+    if stage == "infer":
+        directory = _export_read(cfg)
+        return {"export": directory / artifacts.MANIFEST} if directory else {}
+    return {}
+
+
+def output_files(stage: str, cfg: DictConfig, result) -> dict[str, Path]:
+    """The files that stand for what `stage` wrote."""
+    if stage == "train":
+        return {"finetuned": artifacts.finetuned_dir(cfg) / TRAINING_STATE}
+    if stage == "compress":
+        return {"export": artifacts.export_dir(cfg, cfg.strategy.name) / artifacts.MANIFEST}
+    return {"predictions": Path(result["predictions"])}
+
+
+def _export_read(cfg: DictConfig) -> Path | None:
+    from ernie_lab.errors import ErnieLabError
+
+    try:
+        return artifacts.resolve_export(cfg)[0]
+    except ErnieLabError:  # not made yet: nothing to reuse
+        return None
+
+
+def fingerprint(stage: str, cfg: DictConfig) -> str | None:
+    """The hash a record of `stage` must carry to be reused; None while an input is missing."""
+    inputs = {}
+    for name, path in input_files(stage, cfg).items():
+        inputs[name] = digest(path)
+        if inputs[name] is None:
+            return None
+    if stage == "infer" and not inputs:
+        return None
+    text = json.dumps({"stage": stage, "settings": settings(stage, cfg), "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def find_reusable(stage: str, key: str, cfg: DictConfig) -> Reuse | None:
+    """The record of a finished `stage` that may stand in for running it again, or None."""
+    record = artifacts.read_json(record_path(cfg, key))
+    if record and record.get("fingerprint") == fingerprint(stage, cfg) and all(
+            digest(Path(out["path"])) == out["sha256"] for out in record.get("outputs", {}).values()):
+        return Reuse(record)
+    if stage == "train":  # stopped after the training ended, before its record was written
+        return _finished_training(key, cfg)
+    return None
+
+
+def _finished_training(key: str, cfg: DictConfig) -> Reuse | None:
+    from ernie_lab.training import finished_training
+
+    state = finished_training(cfg)
+    if state is None:
+        return None
+    checkpoint = artifacts.finetuned_dir(cfg)
+    return Reuse({"stage": "train", "key": key, "finished_at": state["finished"]["at"], "run_id": None,
+                  "result": {"checkpoint": str(checkpoint), **state.get("best", {})}, "minutes": 0.0})
+
+
+def write_record(stage: str, key: str, cfg: DictConfig, result, run_id: str | None, minutes: float) -> Path:
+    """Record a finished stage (atomically: a kill leaves the old record or the new one)."""
+    outputs = {name: {"path": str(path), "sha256": digest(path)} for name, path in output_files(stage, cfg, result).items()}
+    path = record_path(cfg, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    artifacts.write_json_atomic(path, {
+        "stage": stage, "key": key, "fingerprint": fingerprint(stage, cfg), "outputs": outputs,
+        "result": result, "run_id": run_id, "minutes": round(minutes, 4), "finished_at": artifacts.now_iso(),
+    })
+    return path

@@ -1,0 +1,107 @@
+"""Stage-level resume: a pipeline SIGKILLed inside training and again between stages, then run again with the same
+command, ends with the checkpoint, metrics and report of one that was never stopped."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ernie_lab.config import PROJECT_ROOT
+from ernie_lab.tracking import find_runs
+from tests.conftest import isolated_overrides
+
+RUN = [
+    "model=tiny", "pipeline.tasks=[tnews]", "pipeline.strategies=[none,dynabert]",
+    "pipeline.variants=[[none,fp32],[dynabert,fp32]]", "runtime=cpu",
+    "quickstart.tnews.max_steps=24", "quickstart.tnews.train_limit=384", "train.save_every_steps=5",
+    "quickstart.tnews.prune_steps=4", "prune.importance.samples=32", "prune.eval_samples=32",
+    "task.data.limit.eval=96", "task.data.limit.heldout=64", "benchmark.warmup_batches=1",
+]
+ENV = {**os.environ, "COLUMNS": "200"}
+
+
+def pipeline(tmp: Path, kill_at: str | None = None, *extra: str) -> subprocess.CompletedProcess:
+    head = [str(PROJECT_ROOT / "tests" / "kill_at.py"), kill_at] if kill_at else ["-m", "ernie_lab.pipeline"]
+    return subprocess.run([sys.executable, *head, *RUN, *extra, *isolated_overrides(tmp)], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=900, env=ENV)
+
+
+def task_dir(tmp: Path) -> Path:
+    return tmp / "artifacts" / "tiny" / "random" / "tnews"
+
+
+def report(tmp: Path) -> str:
+    return sorted((tmp / "outputs" / "runs" / "pipeline").glob("*/results.md"))[-1].read_text()
+
+
+def scores(text: str) -> list[str]:
+    """The seed-shaped table's rows without their speed: variant name and metric cells."""
+    rows = [line.strip("| ").split(" | ") for line in text.splitlines() if line.startswith("| tiny")]
+    speed = re.compile(r"^[\d.]+ (\([\d.]+x\) )?\[.*\]$|^[\d.]+ \([\d.]+x\)$")  # QPS [GFLOP/s, %] or QPS (speed-up)
+    return [[cell for cell in row if not speed.match(cell)] for row in rows]
+
+
+def eval_metrics(tmp: Path) -> dict:
+    out = {}
+    for path in sorted((task_dir(tmp) / "stages").glob("infer-*.json")):
+        result = json.loads(path.read_text())["result"]
+        out[path.stem] = {k: v for k, v in result.items() if k.startswith("eval/")}
+    return out
+
+
+def weights(tmp: Path) -> dict:
+    import paddle
+
+    state = paddle.load(str(task_dir(tmp) / "finetuned" / "model_state.pdparams"))
+    return {k: np.asarray(v) for k, v in state.items()}
+
+
+def test_a_killed_pipeline_continues_where_it_stopped_and_ends_as_an_unstopped_one(tmp_path):
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    done = pipeline(whole)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    first = pipeline(stopped, kill_at="train_state")  # inside training, at its first saved state
+    assert first.returncode == -9, first.stdout[-2000:] + first.stderr[-2000:]
+    assert (task_dir(stopped) / "train_state" / "state.json").is_file()
+    assert not (task_dir(stopped) / "stages").exists()
+
+    second = pipeline(stopped, kill_at="record:compress-none")  # between stages: compress none done, dynabert not
+    assert second.returncode == -9, second.stdout[-2000:] + second.stderr[-2000:]
+    assert "resume from step 5" in second.stdout
+    records = sorted(p.stem for p in (task_dir(stopped) / "stages").glob("*.json"))
+    assert records == ["compress-none", "train"]
+
+    third = pipeline(stopped)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert re.search(r"reused tnews train finished \S+ \(run \w+", third.stdout), third.stdout[-3000:]
+    assert "reused tnews compress-none finished" in third.stdout
+    assert "compress-dynabert" not in re.findall(r"reused tnews (\S+)", third.stdout)
+
+    # the same checkpoint, the same scores, the same table
+    a, b = weights(whole), weights(stopped)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert eval_metrics(whole) == eval_metrics(stopped) and len(eval_metrics(whole)) == 2
+    assert scores(report(whole)) == scores(report(stopped)) and len(scores(report(whole))) == 2
+    assert "## Stages reused from an earlier run of the same command" in report(stopped)
+    assert "Stages reused" not in report(whole)
+    # the parent run of the last attempt says what it took over
+    tracking = {"tracking_uri": f"sqlite:///{stopped / 'mlflow.db'}", "experiment_name": "ernie-lab"}
+    from omegaconf import OmegaConf
+
+    parents = find_runs(OmegaConf.create(tracking), "tags.stage = 'sweep' and attributes.status = 'FINISHED'")
+    assert [p.data.tags.get("reused_stages") for p in parents] == ["2"]
+
+    # a changed benchmark setting re-runs the benchmarks only; a training whose record was lost (a stop between
+    # its end and the record) is found complete in its checkpoint and not run again
+    (task_dir(stopped) / "stages" / "train.json").unlink()
+    fourth = pipeline(stopped, None, "benchmark.warmup_batches=2")
+    assert fourth.returncode == 0, fourth.stdout[-3000:] + fourth.stderr[-3000:]
+    assert sorted(re.findall(r"reused tnews (\S+)", fourth.stdout)) == ["compress-dynabert", "compress-none", "train"]
+    assert "reused tnews train finished" in fourth.stdout and "fine-tune" not in fourth.stdout
+    assert scores(report(stopped)) == scores(report(whole))
