@@ -6,6 +6,7 @@ the seed's (rows: variants; columns: each task's QPS with the speedup over FP32,
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ernie_lab import stages
+from ernie_lab.publish import publish
 from ernie_lab.cli import call_stage, check_config, command_errors, prepare_cli, prepare_runtime
 from ernie_lab.config import resolve_runtime
 from ernie_lab.errors import ConfigError, EngineCrashed, ErnieLabError
@@ -94,6 +96,33 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
     except BaseException as exc:  # stopped (KILLED) or crashed (FAILED): the parent run must not stay RUNNING
         close_failed(parent, exc)
         raise
+
+
+def publication_header(cfg: DictConfig, user_overrides: list[str], failures: list[str]) -> list[str]:
+    """What a published report says about its run: command, commit, machine, libraries."""
+    import subprocess
+
+    from ernie_lab import artifacts, runtime
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+    experiment = next((o.split("=", 1)[1] for o in user_overrides if o.startswith("experiment=")), "quickstart")
+    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
+    flags = [name for name, present in runtime.cpu_flags().items() if present]
+    lines = [
+        f"# experiment={experiment}: {', '.join(cfg.pipeline.tasks)}",
+        "",
+        f"- command: `python -m ernie_lab.pipeline {' '.join(user_overrides)}`",
+        f"- commit: {git('rev-parse', 'HEAD')}{dirty}; written {artifacts.now_iso()}",
+        f"- CPU: {runtime.cpu_model()}, {os.cpu_count()} logical CPUs; flags: {', '.join(flags)}",
+        f"- threads: {cfg.runtime.threads}; libraries: "
+        + ", ".join(f"{k} {v}" for k, v in artifacts.library_versions().items()),
+    ]
+    if failures:
+        lines.append(f"- **{len(failures)} stage(s) failed**: " + "; ".join(failures))
+    return lines
 
 
 def int8_runtime(cfg: DictConfig) -> str | None:
@@ -193,6 +222,10 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
         results_file = write_report(results + crashed, Path(HydraConfig.get().runtime.output_dir), parent,
                                     minutes=minutes, reused=reused)
         console.print(f"table and Pareto charts written beside {results_file}")
+    if p.publish_dir and results:
+        published = publish(results, Path(p.publish_dir), publication_header(cfg, user_overrides, failures), minutes, reused)
+        parent.log_artifact(published, "published")
+        console.print(f"published to {published.parent} (report.md, runs.csv, predictions/)")
     if failures:
         parent.log_text("\n".join(failures), "failed_stages.txt")
         console.print(f"[bold red]{len(failures)} stage(s) failed:[/]")

@@ -166,6 +166,7 @@ SCHEMA: dict[str, Rule] = {
     "train.threads": COUNT,
     "train.freeze_word_embeddings": Bool(),
     "train.group_by_length": Bool(),
+    "train.fused_attention": Bool(),
     # model/
     "model.name": Str(nonempty=True),
     "model.init": Choice("random", "pretrained", "checkpoint", "package"),
@@ -302,6 +303,13 @@ SCHEMA: dict[str, Rule] = {
     "quickstart.*.prune_steps": COUNT,
     "quickstart.*.prune_eval_samples": COUNT,
     "quickstart.*.eval_limit": COUNT_OR_NULL,
+    # experiment=converged's per-task table
+    "converged.*.epochs": COUNT,
+    "converged.*.batch_size": COUNT,
+    "converged.*.learning_rate": Positive(),
+    "converged.*.max_seq_length": Int(4, "model.max_position_embeddings"),
+    "converged.*.eval_every_steps": COUNT_OR_NULL,
+    "converged.*.prune_steps": COUNT_OR_NULL,
     # experiment=medium_engines' per-task eval slice and the warm-up that covers it
     "medium_engines.*.eval_limit": COUNT_OR_NULL,
     "medium_engines.*.warmup_batches": Int(0),
@@ -311,6 +319,7 @@ SCHEMA: dict[str, Rule] = {
     "pipeline.variants": ListOf(ListOf(Str(), nonempty=True)),
     "pipeline.int8_runtime": Choice("auto", "cpu", "gpu", "onnxruntime", "openvino"),
     "pipeline.resume": Bool(),
+    "pipeline.publish_dir": Str(nullable=True),
     "report.sweep_id": Str(nullable=True),
     "report.filter": Str(nullable=True),
     "report.output_dir": Str(nullable=True),

@@ -179,6 +179,10 @@ class FineTuning:
 
         self.model = model = build_model(cfg.model, task.model_class(), task.head_config())
         self.n_params = count_parameters(model)
+        if tc.fused_attention:
+            from ernie_lab import fused_attention
+
+            fused_attention.enable(model)
         self.rank, self.world = data_parallel_rank()
         self.lead = self.rank == 0  # the process that evaluates, saves and logs
         self.trained = model
@@ -361,7 +365,7 @@ def check_train_settings(cfg: DictConfig) -> None:
 # ---- resumable training state ------------------------------------------------------------------------------
 
 # Settings that do not change what training computes; a saved state may be resumed whatever their values.
-NOT_IN_FINGERPRINT = ("resume", "save_every_steps", "log_every_steps", "threads")
+NOT_IN_FINGERPRINT = ("resume", "save_every_steps", "log_every_steps", "threads", "fused_attention")
 
 
 def resume_settings(cfg: DictConfig) -> dict:

@@ -2,6 +2,8 @@
 command, ends with the checkpoint, metrics and report of one that was never stopped."""
 from __future__ import annotations
 
+import csv
+import gzip
 import json
 import os
 import re
@@ -22,12 +24,14 @@ RUN = [
     "quickstart.tnews.prune_steps=4", "prune.importance.samples=32", "prune.eval_samples=32",
     "task.data.limit.eval=96", "task.data.limit.heldout=64", "benchmark.warmup_batches=1",
 ]
+PUBLISH = "pipeline.publish_dir={}"  # the tmp dir's results/
 ENV = {**os.environ, "COLUMNS": "200"}
 
 
 def pipeline(tmp: Path, kill_at: str | None = None, *extra: str) -> subprocess.CompletedProcess:
     head = [str(PROJECT_ROOT / "tests" / "kill_at.py"), kill_at] if kill_at else ["-m", "ernie_lab.pipeline"]
-    return subprocess.run([sys.executable, *head, *RUN, *extra, *isolated_overrides(tmp)], cwd=PROJECT_ROOT,
+    publish = PUBLISH.format(tmp / "results")
+    return subprocess.run([sys.executable, *head, *RUN, publish, *extra, *isolated_overrides(tmp)], cwd=PROJECT_ROOT,
                           capture_output=True, text=True, timeout=900, env=ENV)
 
 
@@ -105,3 +109,16 @@ def test_a_killed_pipeline_continues_where_it_stopped_and_ends_as_an_unstopped_o
     assert sorted(re.findall(r"reused tnews (\S+)", fourth.stdout)) == ["compress-dynabert", "compress-none", "train"]
     assert "reused tnews train finished" in fourth.stdout and "fine-tune" not in fourth.stdout
     assert scores(report(stopped)) == scores(report(whole))
+
+    # published where pipeline.publish_dir says: the report, a CSV of the runs, the predictions gzip'd
+    published = stopped / "results"
+    rows = list(csv.DictReader((published / "runs.csv").open()))
+    assert [(r["task"], r["variant"], r["metric"]) for r in rows] == [
+        ("tnews", "tiny+FP32", "accuracy"), ("tnews", "tiny+pruned(w0.67)+FP32", "accuracy")]
+    assert float(rows[0]["speedup_vs_fp32"]) == 1.0 and float(rows[0]["delta_vs_fp32"]) == 0.0
+    for row in rows:
+        original = task_dir(stopped) / "predictions" / Path(row["predictions"]).name.removesuffix(".gz")
+        assert gzip.decompress((published / row["predictions"]).read_bytes()) == original.read_bytes()
+    text = (published / "report.md").read_text()
+    assert "- commit: " in text and "- CPU: " in text and "## Hours per task and stage" in text
+    assert "| tnews | " in text.split("## Hours per task and stage")[1]

@@ -1,0 +1,141 @@
+"""A long run's published results: `results/<experiment>/` holds its report, a CSV of its runs and its prediction
+files (gzip), so anyone can read, compare and re-score them without re-running hours of work.
+
+    report.md                     the seed-shaped table, the seed's CPU table beside it, accuracy cost per variant,
+                                  hours per stage, the machine (CPU model and flags) and the commit
+    runs.csv                      one row per benchmarked variant: task, variant, engine, precision, metric, QPS
+    predictions/<task>/<file>.gz  each variant's predictions in the task's own format (TNEWS and MSRA_NER JSON
+                                  lines with `id`, CMRC2018 the official {question id: answer} JSON)
+
+Pure apart from the files it writes: the caller (the pipeline) passes the results and what describes the run."""
+from __future__ import annotations
+
+import csv
+import gzip
+import shutil
+from pathlib import Path
+
+from ernie_lab.results import TASK_TITLES, engine_choices, measured, seed_table, variant_name
+
+# The seed's CPU table (../shared/seed/ernie-3.0-benchmark.md, ERNIE 3.0-Medium, 12 threads): speed-up over FP32 and
+# metric, per variant and task.
+SEED_CPU = {
+    "FP32": {"tnews": (1.0, 57.45), "msra_ner": (1.0, 93.04), "cmrc2018": (1.0, 66.95)},
+    "INT8": {"tnews": (1.9, 56.57), "msra_ner": (1.6, 92.64), "cmrc2018": (1.7, 66.23)},
+    "pruned FP32": {"tnews": (1.3, 57.31), "msra_ner": (1.3, 93.27), "cmrc2018": (1.4, 65.55)},
+    "pruned INT8": {"tnews": (2.3, 56.69), "msra_ner": (2.4, 92.39), "cmrc2018": (2.2, 63.47)},
+}
+CSV_COLUMNS = ["task", "variant", "strategy", "precision", "engine", "metric", "value", "delta_vs_fp32", "qps",
+               "speedup_vs_fp32", "eval_examples", "predictions", "run_id"]
+
+
+def seed_variant(r: dict) -> str | None:
+    """The seed's row a result stands beside (FP32, INT8, pruned FP32, pruned INT8), None for the others (BF16)."""
+    if r["precision"] not in ("fp32", "int8"):
+        return None
+    pruned = r["strategy"].startswith("dynabert")
+    return ("pruned " if pruned else "") + r["precision"].upper()
+
+
+def fp32_of(results: list[dict], task: str) -> dict | None:
+    """The unpruned FP32 row of `task` (on Paddle, the engine whose ratios the seed reports)."""
+    rows = [r for r in measured(results) if r["task"] == task and r["strategy"] == "none" and r["precision"] == "fp32"]
+    return next((r for r in rows if not r.get("runtime_label")), rows[0] if rows else None)
+
+
+def csv_rows(results: list[dict], prediction_files: dict[int, str]) -> list[dict]:
+    rows = []
+    for i, r in enumerate(measured(results)):
+        metric = r["primary_metric"]
+        value, base = r[f"eval/{metric}"], fp32_of(results, r["task"])
+        rows.append({
+            "task": r["task"], "variant": variant_name(r["model"], r["strategy"], r["precision"], r.get("runtime_label", "")),
+            "strategy": r["strategy"], "precision": r["precision"], "engine": r.get("runtime_label") or "paddle",
+            "metric": metric, "value": round(value, 4),
+            "delta_vs_fp32": round(value - base[f"eval/{metric}"], 4) if base else "",
+            "qps": round(r["perf/qps"], 2), "speedup_vs_fp32": round(r["perf/qps"] / base["perf/qps"], 3) if base else "",
+            "eval_examples": r.get("eval_examples", ""), "predictions": prediction_files.get(i, ""),
+            "run_id": r.get("run_id", ""),
+        })
+    return rows
+
+
+def accuracy_cost(rows: list[dict]) -> str:
+    """Per seed variant: the metric lost against FP32 on each task, the average and the worst, beside the seed's."""
+    lines = ["| variant | " + " | ".join(f"{TASK_TITLES[t]} loss (seed)" for t in TASK_TITLES)
+             + " | average loss (seed) | worst |", "|---|" + "---|" * (len(TASK_TITLES) + 2)]
+    for variant, seed in SEED_CPU.items():
+        if variant == "FP32":
+            continue
+        ours = {}
+        for row in rows:
+            if row["delta_vs_fp32"] != "" and seed_variant(row) == variant and row["task"] not in ours:
+                ours[row["task"]] = -row["delta_vs_fp32"]
+        seed_losses = {t: SEED_CPU["FP32"][t][1] - metric for t, (_, metric) in seed.items()}
+        cells = [f"{ours[t]:.2f} ({seed_losses[t]:.2f})" if t in ours else f"- ({seed_losses[t]:.2f})" for t in TASK_TITLES]
+        seed_avg = sum(seed_losses.values()) / len(seed_losses)
+        avg = f"{sum(ours.values()) / len(ours):.2f}" if ours else "-"
+        worst = f"{max(ours.values()):.2f}" if ours else "-"
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {avg} ({seed_avg:.2f}) | {worst} |")
+    return "\n".join(lines) + "\n"
+
+
+def seed_beside(rows: list[dict]) -> str:
+    """Our speed-ups and metrics beside the seed's, per variant and task."""
+    lines = ["| variant | " + " | ".join(f"{TASK_TITLES[t]} speed-up (seed) | {TASK_TITLES[t]} metric (seed)"
+                                        for t in TASK_TITLES) + " |", "|---|" + "---|---|" * len(TASK_TITLES)]
+    for variant, seed in SEED_CPU.items():
+        cells = []
+        for t in TASK_TITLES:
+            row = next((r for r in rows if r["task"] == t and seed_variant(r) == variant), None)
+            ratio, metric = seed[t]
+            if row is None:
+                cells += [f"- ({ratio:.1f}x)", f"- ({metric:.2f})"]
+            else:
+                speed = f"{row['speedup_vs_fp32']:.1f}x" if row["speedup_vs_fp32"] != "" else "-"
+                cells += [f"{speed} ({ratio:.1f}x)", f"{row['value']:.2f} ({metric:.2f})"]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def hours_section(minutes: dict[str, dict[str, float]]) -> str:
+    lines = ["| task | train | compress | infer | total |", "|---|---|---|---|---|"]
+    for task, spent in minutes.items():
+        stages = [spent.get(s, 0.0) / 60 for s in ("train", "compress", "infer")]
+        lines.append(f"| {task} | " + " | ".join(f"{h:.2f}" for h in [*stages, sum(stages)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def publish(results: list[dict], out_dir: Path, header: list[str], minutes: dict[str, dict[str, float]],
+            reused: list[str]) -> Path:
+    """Write report.md, runs.csv and predictions/ into `out_dir` (replacing an earlier publication's files)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out_dir / "predictions", ignore_errors=True)
+    files = {}
+    for i, r in enumerate(measured(results)):
+        source = Path(r.get("predictions", ""))
+        if source.is_file():
+            target = out_dir / "predictions" / r["task"] / f"{source.name}.gz"
+            if r.get("runtime_label"):  # the same variant on another engine keeps its own file
+                target = target.with_name(f"{source.stem}_{r['runtime_label'].replace(' ', '_')}{source.suffix}.gz")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with source.open("rb") as src, gzip.open(target, "wb", compresslevel=9) as dst:
+                shutil.copyfileobj(src, dst)
+            files[i] = str(target.relative_to(out_dir))
+    rows = csv_rows(results, files)
+    with (out_dir / "runs.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    models = {r["model"] for r in results}
+    text = "\n".join(header) + "\n\n## Results (QPS at batch 32, full eval splits)\n\n"
+    text += seed_table(results, models.pop() if len(models) == 1 else "")
+    text += engine_choices(results)
+    text += "\n## Beside the seed's CPU table (ERNIE 3.0-Medium; seed's figures in brackets)\n\n" + seed_beside(rows)
+    text += "\n## Accuracy lost against FP32 (seed's loss in brackets)\n\n" + accuracy_cost(rows)
+    text += "\n## Hours per task and stage\n\n" + hours_section(minutes)
+    if reused:
+        text += "\nStages this run took over from earlier runs of the same command (their hours are those runs'):\n"
+        text += "".join(f"- {line}\n" for line in reused)
+    (out_dir / "report.md").write_text(text, encoding="utf-8")
+    return out_dir / "report.md"

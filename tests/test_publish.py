@@ -1,0 +1,46 @@
+"""results/<experiment>/: the seed's table beside ours, accuracy cost per variant, the CSV, the gzip'd predictions."""
+from __future__ import annotations
+
+import csv
+import gzip
+
+from ernie_lab.publish import publish
+
+METRICS = {"tnews": "accuracy", "msra_ner": "f1", "cmrc2018": "exact_match"}
+
+
+def result(tmp, task, strategy, precision, qps, value, label=""):
+    path = tmp / "artifacts" / task / f"{strategy}_{precision}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'{{"{task}": "{strategy} {precision}"}}')
+    return {"task": task, "model": "m", "strategy": strategy, "precision": precision, "runtime_label": label,
+            "primary_metric": METRICS[task], "perf/qps": qps, f"eval/{METRICS[task]}": value, "eval_examples": "100",
+            "predictions": str(path), "run_id": f"{task}-{strategy}-{precision}"}
+
+
+def test_publication_puts_our_figures_beside_the_seeds_and_keeps_every_prediction(tmp_path):
+    results = []
+    for task, base in [("tnews", 56.0), ("msra_ner", 91.0), ("cmrc2018", 60.0)]:
+        results += [result(tmp_path, task, "none", "fp32", 100.0, base),
+                    result(tmp_path, task, "none", "int8", 300.0, base - 0.3, "openvino"),
+                    result(tmp_path, task, "dynabert-w0.67", "fp32", 150.0, base - 0.9),
+                    result(tmp_path, task, "dynabert-w0.67", "int8", 450.0, base - 1.2, "openvino"),
+                    result(tmp_path, task, "none", "bf16", 200.0, base)]
+    out = tmp_path / "results" / "converged"
+    report = publish(results, out, ["# experiment=converged", "- CPU: test"], {"tnews": {"train": 120.0}}, [])
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert len(rows) == 15
+    int8 = next(r for r in rows if r["task"] == "msra_ner" and r["precision"] == "int8" and r["strategy"] == "none")
+    assert int8["engine"] == "openvino" and float(int8["speedup_vs_fp32"]) == 3.0
+    assert abs(float(int8["delta_vs_fp32"]) + 0.3) < 1e-9
+    for row in rows:  # every prediction file, byte for byte
+        source = next(r["predictions"] for r in results if r["run_id"] == row["run_id"])
+        assert gzip.decompress((out / row["predictions"]).read_bytes()) == open(source, "rb").read()
+    text = report.read_text()
+    costs = text.split("## Accuracy lost against FP32")[1]
+    # INT8: 0.30 on each task, average 0.30 against the seed's (0.88 + 0.40 + 0.72) / 3 = 0.67
+    assert "| INT8 | 0.30 (0.88) | 0.30 (0.40) | 0.30 (0.72) | 0.30 (0.67) | 0.30 |" in costs
+    assert "| pruned INT8 | 1.20 (0.76) | 1.20 (0.65) | 1.20 (3.48) | 1.20 (1.63) | 1.20 |" in costs
+    beside = text.split("## Beside the seed's CPU table")[1]
+    assert "| INT8 | 3.0x (1.9x) | 55.70 (56.57) |" in beside
+    assert "| tnews | 2.00 | 0.00 | 0.00 | 2.00 |" in text  # 120 training minutes, in hours
