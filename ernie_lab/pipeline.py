@@ -61,7 +61,7 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
     p = cfg.pipeline
     check_config(cfg)
     for task in p.tasks:  # each task's stages read its own values (e.g. experiment=quickstart's per-task table)
-        check_config(_stage_config(user_overrides, [f"task={task}"]))
+        check_config(_stage_config(user_overrides, [f"task={task}", *task_overrides(cfg, task)]))
     prepare_runtime(cfg, "pipeline")  # this process trains; benchmarks run in children
     int8_engine = int8_runtime(cfg)
     int8_shown = int8_engine or runtime.auto_runtime("int8")[0]
@@ -96,6 +96,11 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
     except BaseException as exc:  # stopped (KILLED) or crashed (FAILED): the parent run must not stay RUNNING
         close_failed(parent, exc)
         raise
+
+
+def task_overrides(cfg: DictConfig, task: str) -> list[str]:
+    """`pipeline.task_overrides.<task>`: overrides for that task's stages only (a key that only one task has)."""
+    return list((cfg.pipeline.get("task_overrides") or {}).get(task) or [])
 
 
 def publication_header(cfg: DictConfig, user_overrides: list[str], failures: list[str]) -> list[str]:
@@ -171,8 +176,9 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
     minutes: dict[str, dict[str, float]] = {}  # task -> stage -> wall-clock minutes, failed stages included
 
     def stage(name: str, extra: list[str]):
-        stage_cfg = _stage_config(user_overrides, extra)
-        key, task = stages.stage_key(name, extra), stage_cfg.task.name
+        task = next(e.split("=", 1)[1] for e in extra if e.startswith("task="))
+        stage_cfg = _stage_config(user_overrides, [*extra, *task_overrides(cfg, task)])
+        key = stages.stage_key(name, extra)
         found = stages.find_reusable(name, key, stage_cfg) if p.resume else None
         if found is not None:  # finished by an earlier run of this command, with these settings and inputs
             reused.append(f"{task}: {found.describe()}")

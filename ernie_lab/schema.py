@@ -319,6 +319,7 @@ SCHEMA: dict[str, Rule] = {
     "pipeline.variants": ListOf(ListOf(Str(), nonempty=True)),
     "pipeline.int8_runtime": Choice("auto", "cpu", "gpu", "onnxruntime", "openvino"),
     "pipeline.resume": Bool(),
+    "pipeline.task_overrides.*": ListOf(Str()),
     "pipeline.publish_dir": Str(nullable=True),
     "report.sweep_id": Str(nullable=True),
     "report.filter": Str(nullable=True),

@@ -70,3 +70,19 @@ def test_int8_rows_run_where_int8_keeps_accuracy_and_unread_int8_exports_are_not
         assert pipeline.needed_strategies(strategies, ort, []) == ["none", "dynabert"]
         mixed = [ort[1], variants[3]]  # ORT INT8 of none, Paddle INT8 of dynabert
         assert pipeline.needed_strategies(strategies, mixed, []) == ["none", "dynabert", "dynabert_ptq"]
+
+
+def test_task_overrides_reach_only_their_tasks_stages():
+    from hydra import initialize_config_dir
+
+    from ernie_lab import pipeline
+    from tests.conftest import make_cfg
+
+    user = ["experiment=converged"]
+    cfg = make_cfg(user, config_name="pipeline")
+    assert pipeline.task_overrides(cfg, "cmrc2018") == ["task.answerless_windows=0.3"]
+    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cmrc = pipeline._stage_config(user, ["task=cmrc2018", *pipeline.task_overrides(cfg, "cmrc2018")])
+        tnews = pipeline._stage_config(user, ["task=tnews", *pipeline.task_overrides(cfg, "tnews")])
+    assert cmrc.task.answerless_windows == 0.3 and "answerless_windows" not in tnews.task
+    assert cmrc.train.max_steps is None and cmrc.train.learning_rate == 1.0e-4 and tnews.task.max_seq_length == 128

@@ -407,6 +407,11 @@ def build_width_adaptive(cfg: DictConfig, task, source: Path, widths: list[float
     heads, neurons = importance(student, task, task.featurize(heldout[:n_importance], training=True)[:n_importance],
                                 int(prune.importance.batch_size))
     reorder(student, heads, neurons)
+    if cfg.train.fused_attention:  # distillation is training: the same cheaper attention (ernie_lab.fused_attention)
+        from ernie_lab import fused_attention
+
+        fused_attention.enable(student)
+        fused_attention.enable(teacher)
 
     train_features = task.featurize(task.load("train"), training=True)
     console.print(f"[bold]prune[/] distilling {len(train_features)} train features into widths {widths}")
