@@ -194,7 +194,8 @@ def tracked_run(cfg: DictConfig, stage: str, run_name: str | None = None,
 
 
 # Modules that stages call into: where a stop lands in one of them, the stage that called it is named as well.
-HELPER_MODULES = frozenset({"tracking.py", "reporting.py", "metrics.py", "artifacts.py", "runtime.py"})
+HELPER_MODULES = frozenset({"tracking.py", "reporting.py", "metrics.py", "artifacts.py", "runtime.py",
+                            "fused_attention.py"})
 
 
 def _is_helper(path: Path) -> bool:
