@@ -52,14 +52,14 @@ def forward(self, query, key=None, value=None, attn_mask=None, cache=None):
     # split, not indexing: the gradient of an index writes a zero-filled copy of the whole q|k|v tensor per part
     q, k, v = (part.reshape([batch, seq, heads, head_dim]).transpose([0, 2, 1, 3])
                for part in paddle.split(F.linear(query, weight, bias), 3, axis=-1))  # [batch, heads, seq, head_dim]
-    in_gemm = attn_mask is not None and seq >= MASK_IN_GEMM_FROM
-    if in_gemm:
-        mask = _key_mask(attn_mask, batch, seq, q.dtype)  # [batch, 1, seq, 1]: one additive value per key
+    mask = None if attn_mask is None else _additive(attn_mask, q.dtype)
+    in_gemm = mask is not None and seq >= MASK_IN_GEMM_FROM
+    if in_gemm:  # one additive value per key, as [batch, heads, seq, 1]
         q = paddle.concat([q, paddle.ones([batch, heads, seq, 1], dtype=q.dtype)], axis=-1)
-        k = paddle.concat([k, mask.expand([batch, heads, seq, 1])], axis=-1)
+        k = paddle.concat([k, mask.reshape([batch, 1, seq, 1]).expand([batch, heads, seq, 1])], axis=-1)
     scores = paddle.matmul(q, k, transpose_y=True)
-    if attn_mask is not None and not in_gemm:
-        scores = scores + attn_mask.astype(scores.dtype)
+    if mask is not None and not in_gemm:
+        scores = scores + mask
     weights = F.softmax(scores)
     if self.dropout:
         weights = F.dropout(weights, self.dropout, training=self.training, mode="upscale_in_train")
@@ -67,11 +67,11 @@ def forward(self, query, key=None, value=None, attn_mask=None, cache=None):
     return self.out_proj(out)
 
 
-def _key_mask(attn_mask, batch: int, seq: int, dtype):
-    """An additive per-key mask ([batch, 1, 1, seq] as ERNIE builds it) as [batch, 1, seq, 1]."""
+def _additive(attn_mask, dtype):
+    """The mask as values added to the scores (ERNIE's [batch, 1, 1, seq] already is; a boolean one, True = attend,
+    becomes 0 / -1e4 as paddle's layer reads it)."""
     import paddle
 
-    mask = attn_mask
-    if mask.dtype == paddle.bool:  # True = attend, as paddle's layer reads a boolean mask
-        mask = (1.0 - mask.astype(dtype)) * -1e4
-    return mask.astype(dtype).reshape([batch, 1, seq, 1])
+    if attn_mask.dtype == paddle.bool:
+        return (1.0 - attn_mask.astype(dtype)) * -1e4
+    return attn_mask.astype(dtype)
