@@ -15,7 +15,8 @@ import gzip
 import shutil
 from pathlib import Path
 
-from ernie_lab.results import TASK_TITLES, engine_choices, measured, seed_table, variant_name
+from ernie_lab.results import (TASK_TITLES, engine_choices, fp32_baseline, measured, seed_table, time_rows,
+                               variant_name)
 
 # The seed's CPU table (../shared/seed/ernie-3.0-benchmark.md, ERNIE 3.0-Medium, 12 threads): speed-up over FP32 and
 # metric, per variant and task.
@@ -37,17 +38,11 @@ def seed_variant(r: dict) -> str | None:
     return ("pruned " if pruned else "") + r["precision"].upper()
 
 
-def fp32_of(results: list[dict], task: str) -> dict | None:
-    """The unpruned FP32 row of `task` (on Paddle, the engine whose ratios the seed reports)."""
-    rows = [r for r in measured(results) if r["task"] == task and r["strategy"] == "none" and r["precision"] == "fp32"]
-    return next((r for r in rows if not r.get("runtime_label")), rows[0] if rows else None)
-
-
 def csv_rows(results: list[dict], prediction_files: dict[int, str]) -> list[dict]:
     rows = []
     for i, r in enumerate(measured(results)):
         metric = r["primary_metric"]
-        value, base = r[f"eval/{metric}"], fp32_of(results, r["task"])
+        value, base = r[f"eval/{metric}"], fp32_baseline(results, r["task"], r.get("device", "cpu"))
         rows.append({
             "task": r["task"], "variant": variant_name(r["model"], r["strategy"], r["precision"], r.get("runtime_label", "")),
             "strategy": r["strategy"], "precision": r["precision"], "engine": r.get("runtime_label") or "paddle",
@@ -99,10 +94,10 @@ def seed_beside(rows: list[dict]) -> str:
 
 
 def hours_section(minutes: dict[str, dict[str, float]]) -> str:
+    """The main job's minutes table (`time_rows`), in hours."""
     lines = ["| task | train | compress | infer | total |", "|---|---|---|---|---|"]
-    for task, spent in minutes.items():
-        stages = [spent.get(s, 0.0) / 60 for s in ("train", "compress", "infer")]
-        lines.append(f"| {task} | " + " | ".join(f"{h:.2f}" for h in [*stages, sum(stages)]) + " |")
+    for task, *spent in time_rows(minutes):
+        lines.append(f"| {task} | " + " | ".join(f"{m / 60:.2f}" for m in spent) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -98,6 +98,11 @@ def _baselines(results: list[dict], task: str) -> dict[str, dict]:
     return out
 
 
+def fp32_baseline(results: list[dict], task: str, device: str = "cpu") -> dict | None:
+    """The row every other row of `task` on `device` is measured against in the table (`_baselines`)."""
+    return _baselines(results, task).get(f"{device}/fp32")
+
+
 def missing_baselines(results: list[dict]) -> list[dict]:
     """Per task whose results have no Paddle Inference FP32 run of the unpruned model: what a baseline for it must
     match (task, model, model_init, eval_examples), e.g. an FP16/INT8 sweep run after the main job."""

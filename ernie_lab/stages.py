@@ -13,8 +13,6 @@ the old one.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ernie_lab import artifacts
 from ernie_lab.config import flatten
+from ernie_lab.training import NOT_IN_FINGERPRINT, finished_training
 
 RECORD_DIR = "stages"
 TRAINING_STATE = "training_state.json"
@@ -33,8 +32,7 @@ SECTIONS = {
     "compress": ("seed", "task", "model", "strategy", "prune", "quantize"),
     "infer": ("seed", "task", "model", "strategy", "precision", "runtime", "benchmark", "quantize"),
 }
-NOT_FINGERPRINTED = ("train.resume", "train.save_every_steps", "train.log_every_steps", "train.threads",
-                     "train.fused_attention", "prune.train.log_every_steps")
+NOT_FINGERPRINTED = (*(f"train.{key}" for key in NOT_IN_FINGERPRINT), "prune.train.log_every_steps")
 
 
 @dataclass(frozen=True)
@@ -68,9 +66,7 @@ def record_path(cfg: DictConfig, key: str) -> Path:
 
 def digest(path: Path) -> str | None:
     """sha256 of a file, None when it is missing."""
-    if not path.is_file():
-        return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return artifacts.sha256_file(path) if path.is_file() else None
 
 
 def settings(stage: str, cfg: DictConfig) -> dict:
@@ -126,8 +122,7 @@ def fingerprint(stage: str, cfg: DictConfig) -> str | None:
     described = {"stage": stage, "settings": settings(stage, cfg), "inputs": inputs}
     if stage == "infer":  # speed belongs to a machine: a copy of the artifacts on another CPU measures again
         described["machine"] = machine()
-    text = json.dumps(described, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return artifacts.json_sha256(described)
 
 
 def find_reusable(stage: str, key: str, cfg: DictConfig) -> Reuse | None:
@@ -142,8 +137,6 @@ def find_reusable(stage: str, key: str, cfg: DictConfig) -> Reuse | None:
 
 
 def _finished_training(key: str, cfg: DictConfig) -> Reuse | None:
-    from ernie_lab.training import finished_training
-
     state = finished_training(cfg)
     if state is None:
         return None

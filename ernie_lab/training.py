@@ -13,7 +13,6 @@ share of each batch, gradients are averaged across processes, and only rank 0 ev
 steps, schedule, checkpoints and resume state are those of a single-process run with the same batch size."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -412,15 +411,11 @@ def save_train_state(state_dir: Path, model, optimizer, progress_state: dict) ->
         (tmp / STATE_FILE).write_text(json.dumps(progress_state, default=str), encoding="utf-8")
 
 
-def settings_digest(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def mark_finished(out_dir: Path, settings: dict, steps: int) -> None:
     """Note in the best checkpoint that the training which made it ran to its end, and with which settings."""
     path = out_dir / "training_state.json"
     state = artifacts.read_json(path)
-    state["finished"] = {"settings_sha256": settings_digest(settings), "steps": steps, "at": artifacts.now_iso()}
+    state["finished"] = {"settings_sha256": artifacts.json_sha256(settings), "steps": steps, "at": artifacts.now_iso()}
     artifacts.write_json_atomic(path, state)
 
 
@@ -429,7 +424,7 @@ def finished_training(cfg: DictConfig) -> dict | None:
     end, else None."""
     state = artifacts.read_json(artifacts.finetuned_dir(cfg) / "training_state.json")
     done = state.get("finished") or {}
-    return state if done.get("settings_sha256") == settings_digest(resume_settings(cfg)) else None
+    return state if done.get("settings_sha256") == artifacts.json_sha256(resume_settings(cfg)) else None
 
 
 def save_checkpoint(out_dir: Path, model, tokenizer, cfg: DictConfig, best: dict, n_params: int) -> None:

@@ -24,7 +24,6 @@ starts as the identity (pooled = tanh of the [CLS] state) rather than at random.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import struct
@@ -37,6 +36,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from ernie_lab.architecture import check_vocab, ernie_config
+from ernie_lab.artifacts import sha256_file
 from ernie_lab.errors import ConfigError, MissingArtifactError
 
 log = logging.getLogger(__name__)
@@ -242,14 +242,6 @@ def package_file(spec: DictConfig) -> Path:
         raise MissingArtifactError(
             f"{path} is truncated or altered (sha256 {digest[:12]}..., expected {str(spec.sha256)[:12]}...); run `{SETUP_HINT}`")
     return path
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def source_record(model_cfg: DictConfig) -> dict:

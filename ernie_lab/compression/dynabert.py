@@ -14,8 +14,6 @@ which gives the sliced model's outputs exactly; the sliced model is checked agai
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from contextlib import contextmanager
@@ -353,9 +351,8 @@ def settings_key(cfg: DictConfig, source_state: dict) -> str:
     prune = OmegaConf.to_container(cfg.prune, resolve=True)
     prune.pop("width_mult", None)  # any trained width can be cut from the same model
     prune.pop("reuse", None)
-    blob = json.dumps({"prune": prune, "source": source_state.get("created_at"), "seed": int(cfg.seed),
-                       "heldout": OmegaConf.to_container(cfg.task.data, resolve=True)}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return artifacts.json_sha256({"prune": prune, "source": source_state.get("created_at"), "seed": int(cfg.seed),
+                                  "heldout": OmegaConf.to_container(cfg.task.data, resolve=True)})[:16]
 
 
 def width_adaptive_model(cfg: DictConfig, task, source: Path, run) -> tuple[object, dict]:
