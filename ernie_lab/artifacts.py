@@ -82,6 +82,11 @@ def train_state_dir(cfg: DictConfig) -> Path:
     return task_dir(cfg) / "train_state"
 
 
+def distill_state_dir(cfg: DictConfig) -> Path:
+    """DynaBERT's resumable distillation state, beside the width-adaptive model it becomes."""
+    return task_dir(cfg) / "dynabert_state"
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it takes the place of `final` in one atomic exchange

@@ -252,7 +252,7 @@ def prepare(runtime: DictConfig, precision: str | None = None, threads: int | No
 
     if runtime.device == "cpu":
         paddle.set_device("cpu")
-        paddle.base.core.set_num_threads(threads)
+        claim_threads(threads)
         return {"threads": threads, "flush_denormals": flushed, **cpu_flags()}
     # Training and the benchmark child need the GPU; TensorRT is checked with the precision (infer only).
     gap = gpu_gap(runtime, tensorrt=False)
@@ -261,6 +261,17 @@ def prepare(runtime: DictConfig, precision: str | None = None, threads: int | No
     paddle.set_device(f"gpu:{runtime.gpu_id}")
     # `threads` still sizes the host side (tokenization, ops Paddle keeps on the CPU).
     return {"threads": threads, "flush_denormals": flushed, **cpu_flags(), **gpu_info(runtime)}
+
+
+def claim_threads(threads: int) -> None:
+    """Give paddle's eager CPU kernels `threads` threads again. A Paddle Inference predictor that has run in this
+    process (an infer stage's check, the roofline probe at the end of a training) leaves the math library on fewer:
+    eager GEMMs then ran at 55% of their speed (2 cores, measured), and rounded differently. Every eager training
+    (fine-tuning, distillation) calls this first, so its speed and its weights do not depend on what ran before it."""
+    import paddle
+
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    paddle.base.core.set_num_threads(int(threads))
 
 
 # CPU flags with which u8s8 integer kernels cannot saturate (ONNX Runtime docs, "Data type selection"): without

@@ -152,6 +152,8 @@ def _train_rules(prefix: str) -> dict[str, Rule]:
         f"{prefix}.weight_decay": Num(0),
         f"{prefix}.max_grad_norm": Positive(nullable=True),
         f"{prefix}.log_every_steps": COUNT,
+        f"{prefix}.save_every_steps": COUNT_OR_NULL,
+        f"{prefix}.resume": Rule(str, choices=("auto", True, False)),
     }
 
 
@@ -161,8 +163,6 @@ SCHEMA: dict[str, Rule] = {
     # train.py
     **_train_rules("train"),
     "train.eval_every_steps": COUNT_OR_NULL,
-    "train.save_every_steps": COUNT_OR_NULL,
-    "train.resume": Rule(str, choices=("auto", True, False)),
     "train.threads": COUNT,
     "train.freeze_word_embeddings": Bool(),
     "train.group_by_length": Bool(),

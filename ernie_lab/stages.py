@@ -32,7 +32,8 @@ SECTIONS = {
     "compress": ("seed", "task", "model", "strategy", "prune", "quantize"),
     "infer": ("seed", "task", "model", "strategy", "precision", "runtime", "benchmark", "quantize"),
 }
-NOT_FINGERPRINTED = (*(f"train.{key}" for key in NOT_IN_FINGERPRINT), "prune.train.log_every_steps")
+NOT_FINGERPRINTED = (*(f"train.{key}" for key in NOT_IN_FINGERPRINT),
+                     *(f"prune.train.{key}" for key in ("log_every_steps", "save_every_steps", "resume")))
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from ernie_lab.errors import ConfigError, DataError, MissingArtifactError
 from ernie_lab.inference.batching import batches, unbatch
 from ernie_lab.modeling import build_model, build_tokenizer, count_parameters
 from ernie_lab.reporting import console, fmt, progress, table
-from ernie_lab.runtime import data_parallel_rank
+from ernie_lab.runtime import claim_threads, data_parallel_rank
 from ernie_lab.tasks import build_task
 from ernie_lab.tracking import TrackedRun
 
@@ -162,6 +162,8 @@ class FineTuning:
         import paddle
 
         cfg, tc = self.cfg, self.tc
+        if cfg.runtime.device == "cpu":
+            claim_threads(int(tc.threads))
         paddle.seed(int(cfg.seed))
         self.rng = np.random.default_rng(int(cfg.seed))
         self.tokenizer = build_tokenizer(cfg.model)
@@ -374,16 +376,17 @@ def resume_settings(cfg: DictConfig) -> dict:
     return flatten({"seed": resolved["seed"], "task": resolved["task"], "model": resolved["model"], "train": train})
 
 
-def find_train_state(state_dir: Path, resume, settings: dict) -> dict | None:
-    """The saved state to resume from, or None to start over (`train.resume`: auto, true or false)."""
+def find_train_state(state_dir: Path, resume, settings: dict, option: str = "train.resume") -> dict | None:
+    """The saved state to resume from, or None to start over (`resume`: auto, true or false; `option` names the
+    key it came from, for the messages: train.resume, or prune.train.resume for DynaBERT's distillation)."""
     path = state_dir / STATE_FILE
     if resume is False:
         return None
     if not path.is_file():
         if resume is True:
             raise MissingArtifactError(
-                f"train.resume=true but {state_dir} holds no training state to resume; "
-                "use train.resume=auto (or false) to start from the beginning"
+                f"{option}=true but {state_dir} holds no training state to resume; "
+                f"use {option}=auto (or false) to start from the beginning"
             )
         return None
     saved = json.loads(path.read_text(encoding="utf-8"))
@@ -395,7 +398,7 @@ def find_train_state(state_dir: Path, resume, settings: dict) -> dict | None:
     if resume is True:
         raise ConfigError(
             f"{state_dir} was saved with other settings ({shown}); resume with the saved settings, "
-            "or start over with train.resume=auto (or false)"
+            f"or start over with {option}=auto (or false)"
         )
     console.print(f"[yellow]not resuming[/] {state_dir}: saved with other settings ({shown}); starting over")
     return None

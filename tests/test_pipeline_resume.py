@@ -1,5 +1,5 @@
-"""Stage-level resume: a pipeline SIGKILLed inside training and again between stages, then run again with the same
-command, ends with the checkpoint, metrics and report of one that was never stopped."""
+"""Stage-level resume: a pipeline SIGKILLed inside training, between stages and inside DynaBERT's distillation, then
+run again with the same command, ends with the checkpoints, metrics and report of one that was never stopped."""
 from __future__ import annotations
 
 import csv
@@ -21,7 +21,7 @@ RUN = [
     "model=tiny", "pipeline.tasks=[tnews]", "pipeline.strategies=[none,dynabert]",
     "pipeline.variants=[[none,fp32],[dynabert,fp32]]", "runtime=cpu",
     "quickstart.tnews.max_steps=24", "quickstart.tnews.train_limit=384", "train.save_every_steps=5",
-    "quickstart.tnews.prune_steps=4", "prune.importance.samples=32", "prune.eval_samples=32",
+    "quickstart.tnews.prune_steps=4", "prune.train.save_every_steps=2", "prune.importance.samples=32", "prune.eval_samples=32",
     "task.data.limit.eval=96", "task.data.limit.heldout=64", "benchmark.warmup_batches=1",
 ]
 PUBLISH = "pipeline.publish_dir={}"  # the tmp dir's results/
@@ -58,10 +58,10 @@ def eval_metrics(tmp: Path) -> dict:
     return out
 
 
-def weights(tmp: Path) -> dict:
+def weights(tmp: Path, model: str = "finetuned") -> dict:
     import paddle
 
-    state = paddle.load(str(task_dir(tmp) / "finetuned" / "model_state.pdparams"))
+    state = paddle.load(str(task_dir(tmp) / model / "model_state.pdparams"))
     return {k: np.asarray(v) for k, v in state.items()}
 
 
@@ -81,15 +81,23 @@ def test_a_killed_pipeline_continues_where_it_stopped_and_ends_as_an_unstopped_o
     records = sorted(p.stem for p in (task_dir(stopped) / "stages").glob("*.json"))
     assert records == ["compress-none", "train"]
 
-    third = pipeline(stopped)
-    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
-    assert re.search(r"reused tnews train finished \S+ \(run \w+", third.stdout), third.stdout[-3000:]
-    assert "reused tnews compress-none finished" in third.stdout
-    assert "compress-dynabert" not in re.findall(r"reused tnews (\S+)", third.stdout)
+    third = pipeline(stopped, kill_at="distill_state")  # inside compress-dynabert, at distillation's first saved state
+    assert third.returncode == -9, third.stdout[-2000:] + third.stderr[-2000:]
+    assert (task_dir(stopped) / "dynabert_state" / "state.json").is_file()
+    assert not (task_dir(stopped) / "stages" / "compress-dynabert.json").exists()
+
+    fourth = pipeline(stopped)
+    assert fourth.returncode == 0, fourth.stdout[-3000:] + fourth.stderr[-3000:]
+    assert re.search(r"reused tnews train finished \S+ \(run \w+", fourth.stdout), fourth.stdout[-3000:]
+    assert "reused tnews compress-none finished" in fourth.stdout
+    assert "compress-dynabert" not in re.findall(r"reused tnews (\S+)", fourth.stdout)
+    assert "resume distillation from step 2 of 4" in fourth.stdout
+    assert not (task_dir(stopped) / "dynabert_state").exists()  # removed once its model is saved
 
     # the same checkpoint, the same scores, the same table
-    a, b = weights(whole), weights(stopped)
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    for model in ("finetuned", "dynabert"):  # the fine-tuned and the distilled width-adaptive model
+        a, b = weights(whole, model), weights(stopped, model)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), model
     assert eval_metrics(whole) == eval_metrics(stopped) and len(eval_metrics(whole)) == 2
     assert scores(report(whole)) == scores(report(stopped)) and len(scores(report(whole))) == 2
     assert "## Stages reused from an earlier run of the same command" in report(stopped)
@@ -104,10 +112,10 @@ def test_a_killed_pipeline_continues_where_it_stopped_and_ends_as_an_unstopped_o
     # a changed benchmark setting re-runs the benchmarks only; a training whose record was lost (a stop between
     # its end and the record) is found complete in its checkpoint and not run again
     (task_dir(stopped) / "stages" / "train.json").unlink()
-    fourth = pipeline(stopped, None, "benchmark.warmup_batches=2")
-    assert fourth.returncode == 0, fourth.stdout[-3000:] + fourth.stderr[-3000:]
-    assert sorted(re.findall(r"reused tnews (\S+)", fourth.stdout)) == ["compress-dynabert", "compress-none", "train"]
-    assert "reused tnews train finished" in fourth.stdout and "fine-tune" not in fourth.stdout
+    fifth = pipeline(stopped, None, "benchmark.warmup_batches=2")
+    assert fifth.returncode == 0, fifth.stdout[-3000:] + fifth.stderr[-3000:]
+    assert sorted(re.findall(r"reused tnews (\S+)", fifth.stdout)) == ["compress-dynabert", "compress-none", "train"]
+    assert "reused tnews train finished" in fifth.stdout and "fine-tune" not in fifth.stdout
     assert scores(report(stopped)) == scores(report(whole))
 
     # published where pipeline.publish_dir says: the report, a CSV of the runs, the predictions gzip'd

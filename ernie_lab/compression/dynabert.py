@@ -15,6 +15,7 @@ which gives the sliced model's outputs exactly; the sliced model is checked agai
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ernie_lab import artifacts
+from ernie_lab.config import flatten
 from ernie_lab.errors import ConfigError
 from ernie_lab.inference.batching import batches
 from ernie_lab.reporting import console, fmt, progress, table
@@ -97,6 +99,10 @@ def importance(model, task, features: list[dict], batch_size: int) -> tuple[np.n
             ffn_w = layer.linear2.weight  # [ffn, hidden]
             neurons[i] += np.abs((ffn_w * ffn_w.grad).sum(axis=1).numpy())
         model.clear_gradients()
+    # no zero-filled gradients left behind: an optimizer steps (and decays) every parameter that has one, and a
+    # resumed distillation, which skips this, must see the same parameters without a gradient
+    for param in model.parameters():
+        param.clear_gradient(False)
     return heads, neurons
 
 
@@ -216,44 +222,87 @@ def distillation_loss(student, teacher, token_mask, temperature: float):
     return total * temperature ** 2
 
 
-def train_width_adaptive(student, teacher, task, features: list[dict], prune: DictConfig, widths: list[float],
-                         seed: int, run) -> dict:
-    """Distil the teacher into every width of the student; one optimizer step per batch covers all widths."""
-    from ernie_lab.training import build_optimizer, count_steps, loss_ends
+class WidthDistillation:
+    """Distil the teacher into every width of the student, one optimizer step per batch covering all widths.
 
-    tc = prune.train
-    _, total_steps = count_steps(len(features), tc)
-    if total_steps < 1:
-        raise ConfigError(f"prune.train gives no steps (epochs={tc.epochs}, max_steps={tc.max_steps})")
-    optimizer, scheduler = build_optimizer(student, tc, total_steps)
-    distil = Distillation(student, teacher, task, prune.distill, widths)
-    rng = np.random.default_rng(seed)
-    every = int(tc.log_every_steps)
-    losses: list[float] = []
-    started = time.perf_counter()
-    try:
-        with progress() as bar:
-            job = bar.add_task(f"distil widths {', '.join(width_label(w) for w in widths)}", total=total_steps, info="")
-            while len(losses) < total_steps:
-                student.train()
-                order = rng.permutation(len(features))
-                for start in range(0, len(order), int(tc.batch_size)):
-                    losses.append(distil.step([features[i] for i in order[start : start + int(tc.batch_size)]]))
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.clear_grad()
-                    step = len(losses)
-                    if step % every == 0 or step == total_steps:
-                        recent = float(np.mean(losses[-every:]))
-                        run.log_metrics({"prune/distill_loss": recent, "prune/lr": scheduler.get_lr()}, step=step)
-                        bar.update(job, info=f"loss {recent:.4f}")
-                    bar.advance(job)
-                    if step >= total_steps:
-                        break
-    finally:
-        distil.remove_hooks()
-    first, last = loss_ends(losses)
-    return {"steps": len(losses), "seconds": time.perf_counter() - started, "loss_first": first, "loss_last": last}
+    Resumable like fine-tuning: every `prune.train.save_every_steps` steps the student, the optimizer (with its
+    LR schedule), the loop's position and the ranking that reordered the student are saved in `state_dir`; a
+    later run with the same settings continues from there and ends with the same weights. Dropout draws from a
+    stream seeded per step (training.step_seed), since paddle cannot save its CPU generator's position."""
+
+    def __init__(self, student, teacher, task, features: list[dict], prune: DictConfig, widths: list[float],
+                 seed: int, run, state_dir: Path, settings: dict):
+        from ernie_lab.training import build_optimizer, count_steps
+
+        self.student, self.task, self.features, self.tc, self.widths = student, task, features, prune.train, widths
+        self.seed, self.run_log, self.state_dir, self.settings = seed, run, state_dir, settings
+        self.steps_per_epoch, self.total_steps = count_steps(len(features), self.tc)
+        if self.total_steps < 1:
+            raise ConfigError(f"prune.train gives no steps (epochs={self.tc.epochs}, max_steps={self.tc.max_steps})")
+        self.optimizer, self.scheduler = build_optimizer(student, self.tc, self.total_steps)
+        self.distil = Distillation(student, teacher, task, prune.distill, widths)
+        self.rng = np.random.default_rng(seed)
+        self.step, self.epoch, self.first_batch = 0, 0, 0
+        self.losses: list[float] = []
+        self.seconds_before = 0.0
+
+    def resume(self, saved: dict) -> None:
+        import paddle
+
+        self.student.set_state_dict(paddle.load(str(self.state_dir / "model.pdparams")))
+        self.optimizer.set_state_dict(paddle.load(str(self.state_dir / "optimizer.pdopt")))  # holds the scheduler's too
+        self.rng.bit_generator.state = saved["epoch_rng"]  # redraws the interrupted epoch's order
+        self.step, self.epoch, self.first_batch = saved["step"], saved["epoch"], saved["batch"]
+        self.losses, self.seconds_before = saved["losses"], float(saved.get("seconds", 0.0))
+        self.run_log.set_tags({"prune_resumed_from_step": self.step})
+        console.print(f"[bold]prune[/] resume distillation from step {self.step} of {self.total_steps} in {self.state_dir}")
+
+    def run(self, ranking: dict) -> dict:
+        """Train to the last step; `ranking` (the importance that reordered the student) goes into every saved state."""
+        import paddle
+
+        from ernie_lab.training import loss_ends, save_train_state, step_seed
+
+        tc, batch_size = self.tc, int(self.tc.batch_size)
+        every, save_every = int(tc.log_every_steps), int(tc.save_every_steps or 0)
+        started = time.perf_counter()
+        try:
+            with progress() as bar:
+                job = bar.add_task(f"distil widths {', '.join(width_label(w) for w in self.widths)}",
+                                   total=self.total_steps, completed=self.step, info="")
+                while self.step < self.total_steps:
+                    epoch_rng = self.rng.bit_generator.state
+                    order = self.rng.permutation(len(self.features))
+                    for batch_index in range(self.first_batch, self.steps_per_epoch):
+                        if self.step >= self.total_steps:
+                            break
+                        self.student.train()
+                        paddle.seed(step_seed(self.seed, self.step))
+                        chunk = order[batch_index * batch_size : (batch_index + 1) * batch_size]
+                        self.losses.append(self.distil.step([self.features[i] for i in chunk]))
+                        self.optimizer.step()
+                        self.scheduler.step()
+                        self.optimizer.clear_grad()
+                        self.step += 1
+                        if self.step % every == 0 or self.step == self.total_steps:
+                            recent = float(np.mean(self.losses[-every:]))
+                            self.run_log.log_metrics({"prune/distill_loss": recent, "prune/lr": self.scheduler.get_lr()},
+                                                     step=self.step)
+                            bar.update(job, info=f"loss {recent:.4f}")
+                        bar.advance(job)
+                        if save_every and self.step % save_every == 0 and self.step < self.total_steps:
+                            save_train_state(self.state_dir, self.student, self.optimizer, {
+                                "settings": self.settings, "step": self.step, "epoch": self.epoch,
+                                "batch": batch_index + 1, "epoch_rng": epoch_rng, "losses": self.losses,
+                                "ranking": ranking, "saved_at": artifacts.now_iso(),
+                                "seconds": self.seconds_before + time.perf_counter() - started,
+                            })
+                    self.epoch, self.first_batch = self.epoch + 1, 0
+        finally:
+            self.distil.remove_hooks()
+        first, last = loss_ends(self.losses)
+        return {"steps": self.step, "seconds": self.seconds_before + time.perf_counter() - started,
+                "loss_first": first, "loss_last": last}
 
 
 class Distillation:
@@ -346,13 +395,25 @@ def slice_to_width(model, width_mult: float) -> list[dict]:
 
 
 # ---- the prune step ---------------------------------------------------------------------------------------------
-def settings_key(cfg: DictConfig, source_state: dict) -> str:
+# prune.* keys that change nothing the width-adaptive model is: any trained width can be cut from the same model,
+# and resuming or saving a distillation ends with the same weights.
+NOT_IN_SETTINGS_KEY = ("width_mult", "reuse")
+NOT_IN_SETTINGS_KEY_TRAIN = ("save_every_steps", "resume")
+
+
+def key_inputs(cfg: DictConfig, source_state: dict) -> dict:
     """What a width-adaptive model depends on: pruning settings and the exact fine-tuned checkpoint."""
     prune = OmegaConf.to_container(cfg.prune, resolve=True)
-    prune.pop("width_mult", None)  # any trained width can be cut from the same model
-    prune.pop("reuse", None)
-    return artifacts.json_sha256({"prune": prune, "source": source_state.get("created_at"), "seed": int(cfg.seed),
-                                  "heldout": OmegaConf.to_container(cfg.task.data, resolve=True)})[:16]
+    for key in NOT_IN_SETTINGS_KEY:
+        prune.pop(key, None)
+    for key in NOT_IN_SETTINGS_KEY_TRAIN:
+        prune["train"].pop(key, None)
+    return {"prune": prune, "source": source_state.get("created_at"), "seed": int(cfg.seed),
+            "heldout": OmegaConf.to_container(cfg.task.data, resolve=True)}
+
+
+def settings_key(cfg: DictConfig, source_state: dict) -> str:
+    return artifacts.json_sha256(key_inputs(cfg, source_state))[:16]
 
 
 def width_adaptive_model(cfg: DictConfig, task, source: Path, run) -> tuple[object, dict]:
@@ -371,26 +432,36 @@ def width_adaptive_model(cfg: DictConfig, task, source: Path, run) -> tuple[obje
         run.set_tags({"prune_reused": "true"})
         return load_finetuned(out_dir, task.model_class()), state
 
-    student, state = build_width_adaptive(cfg, task, source, widths, run)
+    resume_settings = {k: v for k, v in flatten(key_inputs(cfg, source_state)).items()
+                       if k not in ("prune.train.log_every_steps",)}  # the key keeps it: made before this was left out
+    student, state = build_width_adaptive(cfg, task, source, widths, run, resume_settings)
     state.update(settings_key=key, source_checkpoint=str(source), source_created_at=source_state.get("created_at"))
     with artifacts.atomic_dir(out_dir) as tmp:
         student.save_pretrained(str(tmp))
         task.tokenizer.save_pretrained(str(tmp))
         artifacts.write_json_atomic(tmp / STATE_FILE, state)
+    shutil.rmtree(artifacts.distill_state_dir(cfg), ignore_errors=True)  # the model it would resume is saved
     return student, state
 
 
-def build_width_adaptive(cfg: DictConfig, task, source: Path, widths: list[float], run) -> tuple[object, dict]:
+def build_width_adaptive(cfg: DictConfig, task, source: Path, widths: list[float], run,
+                         settings: dict) -> tuple[object, dict]:
     """DynaBERT's three steps on the fine-tuned checkpoint at `source`: rank heads and neurons on held-out
-    examples, reorder, distil every width from the unchanged teacher; then score each width (logged, printed)."""
+    examples, reorder, distil every width from the unchanged teacher; then score each width (logged, printed).
+    A distillation stopped part-way with the same `settings` continues from its saved state."""
     import paddle
 
     from ernie_lab.modeling import load_finetuned
+    from ernie_lab.training import find_train_state
 
     prune = cfg.prune
+    state_dir = artifacts.distill_state_dir(cfg)
+    saved = find_train_state(state_dir, prune.train.resume, settings, option="prune.train.resume")
+    if cfg.runtime.device == "cpu":
+        from ernie_lab.runtime import claim_threads
+
+        claim_threads(int(cfg.train.threads))  # after a predictor has run in this process (ernie_lab.runtime)
     paddle.seed(int(cfg.seed))
-    teacher = load_finetuned(source, task.model_class(), expected_task=cfg.task.name)
-    student = load_finetuned(source, task.model_class(), expected_task=cfg.task.name)
     n_importance = int(prune.importance.samples)
     heldout = task.load("heldout")
     if len(heldout) < n_importance:
@@ -398,21 +469,35 @@ def build_width_adaptive(cfg: DictConfig, task, source: Path, widths: list[float
             f"prune.importance.samples={n_importance} but the held-out slice has {len(heldout)} examples "
             f"(task.data.heldout_size / task.data.limit.heldout)"
         )
-    console.print(f"[bold]prune[/] importance of heads and neurons on {n_importance} held-out examples")
-    # training=True: importance needs the labels of the held-out examples. At most n_importance features: a
-    # CMRC2018 question makes several windows, and each costs a backward pass.
-    heads, neurons = importance(student, task, task.featurize(heldout[:n_importance], training=True)[:n_importance],
-                                int(prune.importance.batch_size))
-    reorder(student, heads, neurons)
-    if cfg.train.fused_attention:  # distillation is training: the same cheaper attention (ernie_lab.fused_attention)
-        from ernie_lab import fused_attention
+    # Fresh parameter names: a resumed process, which may have built other models first, must give the
+    # student's parameters the names its saved optimizer state uses.
+    with paddle.utils.unique_name.guard():
+        teacher = load_finetuned(source, task.model_class(), expected_task=cfg.task.name)
+        student = load_finetuned(source, task.model_class(), expected_task=cfg.task.name)
+        if saved is None:
+            console.print(f"[bold]prune[/] importance of heads and neurons on {n_importance} held-out examples")
+            # training=True: importance needs the labels of the held-out examples. At most n_importance features: a
+            # CMRC2018 question makes several windows, and each costs a backward pass.
+            heads, neurons = importance(student, task, task.featurize(heldout[:n_importance], training=True)[:n_importance],
+                                        int(prune.importance.batch_size))
+            reorder(student, heads, neurons)
+            ranking = {"head_importance": heads.round(6).tolist(),
+                       "neuron_importance_sorted_top": [sorted(row, reverse=True)[:8] for row in neurons.round(6).tolist()]}
+        else:
+            ranking = saved["ranking"]  # the saved student is reordered already
+        if cfg.train.fused_attention:  # distillation is training: the same cheaper attention (ernie_lab.fused_attention)
+            from ernie_lab import fused_attention
 
-        fused_attention.enable(student)
-        fused_attention.enable(teacher)
+            fused_attention.enable(student)
+            fused_attention.enable(teacher)
 
-    train_features = task.featurize(task.load("train"), training=True)
-    console.print(f"[bold]prune[/] distilling {len(train_features)} train features into widths {widths}")
-    training = train_width_adaptive(student, teacher, task, train_features, prune, widths, int(cfg.seed), run)
+        train_features = task.featurize(task.load("train"), training=True)
+        console.print(f"[bold]prune[/] distilling {len(train_features)} train features into widths {widths}")
+        distillation = WidthDistillation(student, teacher, task, train_features, prune, widths, int(cfg.seed), run,
+                                         state_dir, settings)
+        if saved is not None:
+            distillation.resume(saved)
+        training = distillation.run(ranking)
 
     eval_examples = heldout[n_importance : n_importance + int(prune.eval_samples)] or heldout[: int(prune.eval_samples)]
     scores = evaluate_widths(student, task, eval_examples, widths, int(cfg.benchmark.batch_size))
@@ -432,8 +517,7 @@ def build_width_adaptive(cfg: DictConfig, task, source: Path, widths: list[float
         "training": training,
         "heldout_eval_examples": len(eval_examples),
         "heldout_scores": {"teacher": teacher_scores, **scores},
-        "head_importance": heads.round(6).tolist(),
-        "neuron_importance_sorted_top": [sorted(row, reverse=True)[:8] for row in neurons.round(6).tolist()],
+        **ranking,
         "settings": OmegaConf.to_container(prune, resolve=True),
         "created_at": artifacts.now_iso(),
     }
