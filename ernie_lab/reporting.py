@@ -37,6 +37,12 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) 
     return t
 
 
+def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """The same table as GitHub markdown."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
 def fmt(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 

@@ -3,6 +3,7 @@ and the check that the requested precision can run on the requested runtime."""
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import logging
 import mmap
 import os
@@ -229,6 +230,23 @@ def _set_ftz_daz() -> bool:
     return True
 
 
+def _keep_freed_memory() -> bool:
+    """Make glibc serve large blocks from the heap and keep what is freed there (mallopt: no mmap'd blocks, trim only
+    past 2 GiB). By default every block over the mmap threshold (at most 32 MiB) gets fresh pages from the kernel
+    and gives them back when freed, so each large tensor an eager op writes pays a page fault per 4 KiB: a paddle
+    add of two [16, 12, 384, 384] tensors took 36.9 ms with it and 5.8 ms without, and a 12-layer training step at
+    16 x 384 tokens 15.5 s against 11.7 s (2 cores, measured; peak memory 5.6 -> 7.0 GB). Short sequences, whose
+    tensors stay under the threshold, do not change."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def data_parallel_rank() -> tuple[int, int]:
     """(rank, number of processes) when started by `python -m paddle.distributed.launch`; (0, 1) otherwise."""
     return int(os.environ.get("PADDLE_TRAINER_ID", "0")), int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
@@ -246,6 +264,7 @@ def prepare(runtime: DictConfig, precision: str | None = None, threads: int | No
         os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
     # MXCSR only governs host SSE math: on runtime=gpu the model's arithmetic never sees it.
     flushed = runtime.device == "cpu" and bool(runtime.get("flush_denormals")) and _set_ftz_daz()
+    kept = bool(runtime.get("keep_freed_memory")) and _keep_freed_memory()
     if precision is not None:  # here, not earlier: the GPU checks import paddle, after the thread settings
         check_precision(runtime, precision)
     import paddle
@@ -253,14 +272,14 @@ def prepare(runtime: DictConfig, precision: str | None = None, threads: int | No
     if runtime.device == "cpu":
         paddle.set_device("cpu")
         claim_threads(threads)
-        return {"threads": threads, "flush_denormals": flushed, **cpu_flags()}
+        return {"threads": threads, "flush_denormals": flushed, "keep_freed_memory": kept, **cpu_flags()}
     # Training and the benchmark child need the GPU; TensorRT is checked with the precision (infer only).
     gap = gpu_gap(runtime, tensorrt=False)
     if gap:
         raise ConfigError(gap)
     paddle.set_device(f"gpu:{runtime.gpu_id}")
     # `threads` still sizes the host side (tokenization, ops Paddle keeps on the CPU).
-    return {"threads": threads, "flush_denormals": flushed, **cpu_flags(), **gpu_info(runtime)}
+    return {"threads": threads, "flush_denormals": flushed, "keep_freed_memory": kept, **cpu_flags(), **gpu_info(runtime)}
 
 
 def claim_threads(threads: int) -> None:
