@@ -327,6 +327,7 @@ SCHEMA: dict[str, Rule] = {
     "step_benchmark.warmup_steps": Int(0),
     "step_benchmark.timed_steps": COUNT,
     "step_benchmark.variants.*": ListOf(Str()),
+    "step_benchmark.baseline": Str(nullable=True),
     "report.sweep_id": Str(nullable=True),
     "report.filter": Str(nullable=True),
     "report.output_dir": Str(nullable=True),

@@ -7,7 +7,7 @@ and batch shape, as seconds, GFLOP/s and share of this CPU's fp32 GEMM peak.
 Every (variant, shape) runs in a fresh child process: some settings are process-wide and cannot be undone
 (`runtime.keep_freed_memory`), and a fresh process is what a training starts from. The table is printed, logged on
 one MLflow run (metrics `step/<variant>/<batch>x<tokens>/...`, the table as `step_benchmark.md`), and the speed-ups
-are against the first variant of the same run. Settings: `conf/step_benchmark.yaml`.
+are against one variant of the same run (`step_benchmark.baseline`). Settings: `conf/step_benchmark.yaml`.
 """
 from __future__ import annotations
 
@@ -157,9 +157,20 @@ def fp32_peak(cfg: DictConfig) -> float | None:
     return roofline.peaks(runtime, cache_file, probe_seconds).get("fp32_gflops")
 
 
-def rows(timings: list[StepTiming], peak: float | None) -> list[list[str]]:
-    """The table: variant, shape, seconds, GFLOP/s, % of peak, speed-up against the first variant's same shape."""
-    base = {t.shape: t.seconds for t in timings if t.variant == timings[0].variant}
+def baseline(cfg: DictConfig) -> str:
+    """The variant the speed-ups are measured against: step_benchmark.baseline, or the first."""
+    names = list(cfg.step_benchmark.variants)
+    chosen = cfg.step_benchmark.baseline
+    if chosen is None:
+        return names[0] if names else ""
+    if chosen not in names:
+        raise ConfigError(f"step_benchmark.baseline={chosen} is not a variant; choose one of: {', '.join(names)}")
+    return chosen
+
+
+def rows(timings: list[StepTiming], peak: float | None, base_variant: str) -> list[list[str]]:
+    """The table: variant, shape, seconds, GFLOP/s, % of peak, speed-up against the baseline variant's same shape."""
+    base = {t.shape: t.seconds for t in timings if t.variant == base_variant}
     return [[t.variant, t.shape, f"{t.seconds:.3f}", f"{t.gflops:.1f}",
              f"{100 * t.gflops / peak:.0f}%" if peak else "-", f"{base[t.shape] / t.seconds:.2f}x"] for t in timings]
 
@@ -169,21 +180,27 @@ HEADER = ["variant", "batch x tokens", "seconds / step", "GFLOP/s", "% of fp32 p
 
 def main(argv: list[str]) -> None:
     from ernie_lab import runtime
-    from ernie_lab.cli import check_config, command_errors, prepare_cli
+    from ernie_lab.cli import check_config, command_errors, fail, prepare_cli
     from ernie_lab.config import compose_config
     from ernie_lab.reporting import console, markdown_table, table
     from ernie_lab.tracking import tracked_run
 
+    from hydra.errors import HydraException
+
     prepare_cli(argv, config_name=CONFIG_NAME)
-    with command_errors("step_benchmark"):
+    try:
         cfg = compose_config(CONFIG_NAME, argv)
+    except HydraException as exc:  # what Hydra's own command line would say, without its traceback
+        fail(str(exc).splitlines()[0])
+    with command_errors("step_benchmark"):
         check_config(cfg)
+        baseline(cfg)
         shapes(cfg)  # a bad shape fails before the first child
         with tracked_run(cfg, "step_benchmark", run_name=f"step_benchmark-{cfg.model.name}-{cfg.task.name}") as run:
             timings = measure(cfg, argv)
             runtime.prepare(cfg.runtime, threads=int(cfg.train.threads))  # for the peak probe
             peak = fp32_peak(cfg)
-            body = rows(timings, peak)
+            body = rows(timings, peak, baseline(cfg))
             for t, row in zip(timings, body):
                 key = f"step/{t.variant}/{t.shape}"
                 run.log_metrics({f"{key}/seconds": t.seconds, f"{key}/gflops": t.gflops,

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from omegaconf import OmegaConf
 
 from ernie_lab.config import PROJECT_ROOT
@@ -37,8 +39,13 @@ def test_each_variant_and_shape_is_timed_and_logged(tmp_path):
     assert all(variant in done.stdout for variant in ("paddle_attention", "fused_attention_kept_memory"))  # the table
 
 
-def test_a_shape_that_is_not_batch_and_tokens_is_refused_in_one_line(tmp_path):
-    done = bench(tmp_path, "step_benchmark.shapes=[[2,16,3]]")
+@pytest.mark.parametrize("override, message", [
+    ("step_benchmark.shapes=[[2,16,3]]", "step_benchmark.shapes has [2, 16, 3]; each shape is two numbers, batch and tokens"),
+    ("step_benchmark.baseline=fastest", "step_benchmark.baseline=fastest is not a variant; choose one of: paddle_attention, "),
+    ("step_benchmark.variants={extra:[]}", "Could not override 'step_benchmark.variants'"),
+])
+def test_a_bad_setting_is_refused_in_one_line_before_any_step(tmp_path, override, message):
+    done = bench(tmp_path, override)
     assert done.returncode == 2
-    assert "step_benchmark.shapes has [2, 16, 3]; each shape is two numbers, batch and tokens" in done.stdout + done.stderr
-    assert "Traceback" not in done.stdout + done.stderr
+    assert message in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr and "training steps" not in done.stdout
