@@ -5,6 +5,7 @@ import contextlib
 import io
 import logging
 import sys
+import time
 from typing import Iterable, Iterator, Sequence
 
 from rich.console import Console
@@ -15,16 +16,71 @@ from rich.table import Table
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
-def progress() -> Progress:
-    return Progress(
+# Off a terminal rich draws a bar only when it ends: a run logging to a file (`nohup ... > log`) would show nothing for
+# hours, so there a line says how far each bar is, at most this often.
+PLAIN_PROGRESS_EVERY_S = 60.0
+
+
+class _Progress(Progress):
+    """rich's Progress that, when its console is not a terminal, draws no bar but prints `description done/total
+    (pct) elapsed remaining info` lines: every `every_s` seconds per bar, and once when a bar completes."""
+
+    def __init__(self, *columns, console: Console, every_s: float, **kwargs) -> None:
+        self.plain = not console.is_terminal
+        super().__init__(*columns, console=console, disable=self.plain, **kwargs)
+        self.every_s = every_s
+        self._last_line: dict = {}
+
+    def add_task(self, *args, **kwargs):
+        task_id = super().add_task(*args, **kwargs)
+        self._last_line[task_id] = time.monotonic()
+        return task_id
+
+    def advance(self, task_id, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._plain_line(task_id)
+
+    def update(self, task_id, **kwargs) -> None:
+        super().update(task_id, **kwargs)
+        if "completed" in kwargs or "advance" in kwargs:
+            self._plain_line(task_id)
+
+    def _plain_line(self, task_id) -> None:
+        if not self.plain:
+            return
+        task = self._tasks[task_id]
+        now = time.monotonic()
+        if now - self._last_line[task_id] < self.every_s and not task.finished:
+            return
+        if task.finished and self._last_line[task_id] == float("inf"):  # said already
+            return
+        self._last_line[task_id] = float("inf") if task.finished else now
+        remaining = task.time_remaining
+        done = f"{task.completed:g}" if task.total is None else \
+            f"{task.completed:g}/{task.total:g} ({task.percentage:.0f}%)"
+        line = (f"{task.description} {done} "
+                f"elapsed {_clock(task.elapsed)}" + ("" if remaining is None or task.finished
+                                                      else f", about {_clock(remaining)} left"))
+        info = task.fields.get("info")
+        self.console.print(line + (f", {info}" if info else ""), markup=False, highlight=False)
+
+
+def _clock(seconds: float | None) -> str:
+    seconds = int(seconds or 0)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def progress(output: Console | None = None, every_s: float | None = None) -> Progress:
+    return _Progress(
         TextColumn("[bold blue]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
-        console=console,
+        console=output or console,
         transient=False,
+        every_s=PLAIN_PROGRESS_EVERY_S if every_s is None else every_s,
     )
 
 
