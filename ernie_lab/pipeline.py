@@ -16,8 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ernie_lab import stages
-from ernie_lab.publish import publish
+from ernie_lab import publish, stages
 from ernie_lab.cli import call_stage, check_config, command_errors, prepare_cli, prepare_runtime
 from ernie_lab.config import resolve_runtime
 from ernie_lab.errors import ConfigError, EngineCrashed, ErnieLabError
@@ -96,6 +95,16 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
     except BaseException as exc:  # stopped (KILLED) or crashed (FAILED): the parent run must not stay RUNNING
         close_failed(parent, exc)
         raise
+
+
+def task_fingerprint(cfg: DictConfig, user_overrides: list[str], task: str) -> str:
+    """The settings fingerprint of all of `task`'s stages (stages.task_fingerprint), from the configs asked for,
+    not the ones this machine can run."""
+    extra = [f"task={task}", *task_overrides(cfg, task)]
+    return stages.task_fingerprint(
+        _stage_config(user_overrides, extra),
+        [_stage_config(user_overrides, [*extra, f"strategy={strategy}"]) for strategy in cfg.pipeline.strategies],
+        OmegaConf.to_container(cfg.pipeline.variants, resolve=True))
 
 
 def task_overrides(cfg: DictConfig, task: str) -> list[str]:
@@ -207,15 +216,35 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
             spent = minutes.setdefault(stage_cfg.task.name, {})
             spent[name] = spent.get(name, 0.0) + (time.perf_counter() - started) / 60
 
+    out_dir = Path(p.publish_dir) if p.publish_dir else None
+    machines = {}
     for task in p.tasks:
-        if stage("train", [f"task={task}"]) is None:
+        fingerprint = task_fingerprint(cfg, user_overrides, task) if out_dir else None
+        carried = publish.carried_task(out_dir, task, fingerprint) if out_dir and p.resume else None
+        if carried is not None:  # finished on this or another machine by the same command, and published
+            line = (f"{task}: all stages carried from {carried['path']}, finished {carried['finished_at']} on "
+                    f"{publish.machine_line(carried['machine'])}")
+            reused.append(line)
+            console.print(f"[green]carried[/] {line}", soft_wrap=True)
+            results.extend(carried["results"])
+            minutes[task] = dict(carried["minutes"])
+            machines[task] = carried["machine"]
             continue
-        for strategy in strategies:
-            stage("compress", [f"task={task}", f"strategy={strategy}"])
-        for v in variants:
-            result = stage("infer", [f"task={task}", f"strategy={v.strategy}", f"precision={v.precision}", *v.extra])
-            if result is not None:
-                results.append(result)
+        failed_before, task_results = len(failures), []
+        if stage("train", [f"task={task}"]) is not None:
+            for strategy in strategies:
+                stage("compress", [f"task={task}", f"strategy={strategy}"])
+            for v in variants:
+                result = stage("infer", [f"task={task}", f"strategy={v.strategy}", f"precision={v.precision}", *v.extra])
+                if result is not None:
+                    task_results.append(result)
+        results.extend(task_results)
+        machines[task] = stages.machine()
+        if out_dir and task_results and len(failures) == failed_before:  # publish what is finished, as it finishes
+            publish.publish(results, out_dir, publication_header(cfg, user_overrides, failures), minutes, reused,
+                            machines)
+            publish.write_task_record(out_dir, task, fingerprint, task_results, minutes[task], machines[task])
+            console.print(f"published {task} to {out_dir} (tasks/{task}.json: the same command elsewhere takes it from there)")
 
     if reused:
         parent.log_text("\n".join(reused), "reused_stages.txt")
@@ -228,8 +257,9 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
         results_file = write_report(results + crashed, Path(HydraConfig.get().runtime.output_dir), parent,
                                     minutes=minutes, reused=reused)
         console.print(f"table and Pareto charts written beside {results_file}")
-    if p.publish_dir and results:
-        published = publish(results, Path(p.publish_dir), publication_header(cfg, user_overrides, failures), minutes, reused)
+    if out_dir and results:
+        published = publish.publish(results, out_dir, publication_header(cfg, user_overrides, failures), minutes, reused,
+                                    machines)
         parent.log_artifact(published, "published")
         console.print(f"published to {published.parent} (report.md, runs.csv, predictions/)")
     if failures:

@@ -6,14 +6,23 @@ files (gzip), so anyone can read, compare and re-score them without re-running h
     runs.csv                      one row per benchmarked variant: task, variant, engine, precision, metric, QPS
     predictions/<task>/<file>.gz  each variant's predictions in the task's own format (TNEWS and MSRA_NER JSON
                                   lines with `id`, CMRC2018 the official {question id: answer} JSON)
+    tasks/<task>.json             a finished task: its rows, minutes and machine, and the fingerprint of the settings
+                                  that made them (ernie_lab.stages.task_fingerprint)
+
+A long run publishes after each task it finishes. Committed, the task records carry finished tasks to another
+machine: the same command there takes a task whose record matches its settings from here and runs only the rest
+(a machine change loses the artifacts, and a task can take longer than a session).
 
 Pure apart from the files it writes: the caller (the pipeline) passes the results and what describes the run."""
 from __future__ import annotations
 
 import csv
 import gzip
+import json
 import shutil
 from pathlib import Path
+
+from ernie_lab import artifacts
 
 from ernie_lab.results import (TASK_TITLES, engine_choices, fp32_baseline, measured, seed_table, time_rows,
                                variant_name)
@@ -101,22 +110,80 @@ def hours_section(minutes: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def publish(results: list[dict], out_dir: Path, header: list[str], minutes: dict[str, dict[str, float]],
-            reused: list[str]) -> Path:
-    """Write report.md, runs.csv and predictions/ into `out_dir` (replacing an earlier publication's files)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out_dir / "predictions", ignore_errors=True)
+TASKS_DIR = "tasks"
+PREDICTIONS_DIR = "predictions"
+
+
+def published_predictions(r: dict) -> str:
+    """Where a result's predictions file goes in a publication, relative to it."""
+    source = Path(r.get("predictions", ""))
+    name = f"{source.name}.gz"
+    if r.get("runtime_label"):  # the same variant on another engine keeps its own file
+        name = f"{source.stem}_{r['runtime_label'].replace(' ', '_')}{source.suffix}.gz"
+    return f"{PREDICTIONS_DIR}/{r['task']}/{name}"
+
+
+def _write_predictions(results: list[dict], out_dir: Path) -> dict[int, str]:
+    """Gzip each measured result's predictions into a new predictions/ that then replaces the old one; a result
+    carried from a task record keeps the copy published when it ran (its own file was on the machine that ran it)."""
+    staging = out_dir / f"{PREDICTIONS_DIR}.new"
+    shutil.rmtree(staging, ignore_errors=True)
     files = {}
     for i, r in enumerate(measured(results)):
-        source = Path(r.get("predictions", ""))
-        if source.is_file():
-            target = out_dir / "predictions" / r["task"] / f"{source.name}.gz"
-            if r.get("runtime_label"):  # the same variant on another engine keeps its own file
-                target = target.with_name(f"{source.stem}_{r['runtime_label'].replace(' ', '_')}{source.suffix}.gz")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with source.open("rb") as src, gzip.open(target, "wb", compresslevel=9) as dst:
+        relative = published_predictions(r)
+        target = staging / Path(relative).relative_to(PREDICTIONS_DIR)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source, earlier = Path(r.get("predictions", "")), out_dir / relative
+        if r.get("carried_from") and earlier.is_file():
+            shutil.copyfile(earlier, target)
+        elif source.is_file():
+            # no name or time in the header: the same predictions give the same bytes (no churn when committed)
+            with source.open("rb") as src, target.open("wb") as raw, \
+                    gzip.GzipFile(filename="", mode="wb", compresslevel=9, fileobj=raw, mtime=0) as dst:
                 shutil.copyfileobj(src, dst)
-            files[i] = str(target.relative_to(out_dir))
+        else:
+            continue
+        files[i] = relative
+    shutil.rmtree(out_dir / PREDICTIONS_DIR, ignore_errors=True)
+    staging.mkdir(exist_ok=True)
+    staging.rename(out_dir / PREDICTIONS_DIR)
+    return files
+
+
+def write_task_record(out_dir: Path, task: str, fingerprint: str, results: list[dict], minutes: dict[str, float],
+                      machine: dict) -> Path:
+    """tasks/<task>.json: a finished task's rows, minutes and machine under the fingerprint of its settings."""
+    path = out_dir / TASKS_DIR / f"{task}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    artifacts.write_json_atomic(path, {"task": task, "fingerprint": fingerprint, "finished_at": artifacts.now_iso(),
+                                       "machine": machine, "minutes": minutes, "results": results})
+    return path
+
+
+def carried_task(out_dir: Path, task: str, fingerprint: str) -> dict | None:
+    """The published record of `task` when it was made with these settings and its predictions are all there
+    (then its results carry `carried_from`), else None."""
+    path = out_dir / TASKS_DIR / f"{task}.json"
+    record = artifacts.read_json(path)
+    if not record or record.get("fingerprint") != fingerprint:
+        return None
+    results = [{**r, "carried_from": str(path)} for r in record["results"]]
+    if not all((out_dir / published_predictions(r)).is_file() for r in measured(results)):
+        return None
+    return {**record, "results": results, "path": path}
+
+
+def machine_line(machine: dict) -> str:
+    flags = [f for f in machine.get("flags", []) if f.startswith(("avx", "amx", "fma"))]
+    return f"{machine.get('cpu', 'unknown CPU')}; flags: {' '.join(flags) or 'none of avx/amx/fma'}"
+
+
+def publish(results: list[dict], out_dir: Path, header: list[str], minutes: dict[str, dict[str, float]],
+            reused: list[str], machines: dict[str, dict] | None = None) -> Path:
+    """Write report.md, runs.csv and predictions/ into `out_dir` (replacing an earlier publication's files).
+    `machines`: the machine each task ran on, where they differ (tasks carried from another machine)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = _write_predictions(results, out_dir)
     rows = csv_rows(results, files)
     with (out_dir / "runs.csv").open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
@@ -129,6 +196,9 @@ def publish(results: list[dict], out_dir: Path, header: list[str], minutes: dict
     text += "\n## Beside the seed's CPU table (ERNIE 3.0-Medium; seed's figures in brackets)\n\n" + seed_beside(rows)
     text += "\n## Accuracy lost against FP32 (seed's loss in brackets)\n\n" + accuracy_cost(rows)
     text += "\n## Hours per task and stage\n\n" + hours_section(minutes)
+    if machines and len({json.dumps(m, sort_keys=True) for m in machines.values()}) > 1:
+        text += ("\nThe tasks ran on different machines; each task's speed-ups are of its own FP32 on its own:\n"
+                 + "".join(f"- {task}: {machine_line(m)}\n" for task, m in machines.items()))
     if reused:
         text += "\nStages this run took over from earlier runs of the same command (their hours are those runs'):\n"
         text += "".join(f"- {line}\n" for line in reused)

@@ -126,6 +126,19 @@ def fingerprint(stage: str, cfg: DictConfig) -> str | None:
     return artifacts.json_sha256(described)
 
 
+def task_fingerprint(train_cfg: DictConfig, compress_cfgs: list[DictConfig], variants: list) -> str:
+    """The hash a published task record (ernie_lab.publish) must carry to stand in for all of a task's stages: the
+    settings of its training and of every compression asked for, its benchmark settings and the variants asked for.
+    Not the machine, nor the digests of local artifacts: a record carried in git to a new machine, without them,
+    still stands, with the rows its own machine ran."""
+    return artifacts.json_sha256({
+        "train": settings("train", train_cfg),
+        "compress": [settings("compress", cfg) for cfg in compress_cfgs],
+        "benchmark": OmegaConf.to_container(train_cfg.benchmark, resolve=True),
+        "variants": [list(v) for v in variants],
+    })
+
+
 def find_reusable(stage: str, key: str, cfg: DictConfig) -> Reuse | None:
     """The record of a finished `stage` that may stand in for running it again, or None."""
     record = artifacts.read_json(record_path(cfg, key))

@@ -7,11 +7,13 @@ import gzip
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ernie_lab.config import PROJECT_ROOT
 from ernie_lab.tracking import find_runs
@@ -65,10 +67,18 @@ def weights(tmp: Path, model: str = "finetuned") -> dict:
     return {k: np.asarray(v) for k, v in state.items()}
 
 
-def test_a_killed_pipeline_continues_where_it_stopped_and_ends_as_an_unstopped_one(tmp_path):
-    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    done = pipeline(whole)
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> Path:
+    """A pipeline that ran from start to end without a stop."""
+    out = tmp_path_factory.mktemp("whole")
+    done = pipeline(out)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "published tnews to" in done.stdout  # as soon as the task ended, before the closing table
+    return out
+
+
+def test_a_killed_pipeline_continues_where_it_stopped_and_ends_as_an_unstopped_one(tmp_path, whole):
+    stopped = tmp_path / "stopped"
 
     first = pipeline(stopped, kill_at="train_state")  # inside training, at its first saved state
     assert first.returncode == -9, first.stdout[-2000:] + first.stderr[-2000:]
@@ -130,3 +140,24 @@ def test_a_killed_pipeline_continues_where_it_stopped_and_ends_as_an_unstopped_o
     text = (published / "report.md").read_text()
     assert "- commit: " in text and "- CPU: " in text and "## Hours per task and stage" in text
     assert "| tnews | " in text.split("## Hours per task and stage")[1]
+
+
+def test_a_published_task_is_carried_to_a_machine_without_its_artifacts(tmp_path, whole):
+    """What a new machine gets from git, results/<experiment>/ without artifacts/, is enough to skip a finished task;
+    a changed setting runs it again."""
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(whole / "results", elsewhere / "results")
+    carried = pipeline(elsewhere)
+    assert carried.returncode == 0, carried.stdout[-3000:] + carried.stderr[-3000:]
+    assert re.search(r"carried tnews: all stages carried from \S+tasks/tnews\.json, finished \S+ on ", carried.stdout)
+    assert "fine-tune" not in carried.stdout and not task_dir(elsewhere).exists()  # nothing ran
+    assert scores(report(elsewhere)) == scores(report(whole)) and len(scores(report(whole))) == 2
+    for name in ("runs.csv",):
+        assert (elsewhere / "results" / name).read_text() == (whole / "results" / name).read_text()
+    for gz in sorted((whole / "results" / "predictions").rglob("*.gz")):
+        assert (elsewhere / "results" / gz.relative_to(whole / "results")).read_bytes() == gz.read_bytes()
+    assert "all stages carried from" in (elsewhere / "results" / "report.md").read_text()
+
+    changed = pipeline(elsewhere, None, "benchmark.warmup_batches=2")  # another fingerprint: the task runs again
+    assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
+    assert "carried tnews" not in changed.stdout and "fine-tune tnews" in changed.stdout
