@@ -23,7 +23,6 @@ import shutil
 from pathlib import Path
 
 from ernie_lab import artifacts
-
 from ernie_lab.results import (TASK_TITLES, engine_choices, fp32_baseline, measured, seed_table, time_rows,
                                variant_name)
 

@@ -13,6 +13,7 @@ the old one.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,12 +132,29 @@ def task_fingerprint(train_cfg: DictConfig, compress_cfgs: list[DictConfig], var
     settings of its training and of every compression asked for, its benchmark settings and the variants asked for.
     Not the machine, nor the digests of local artifacts: a record carried in git to a new machine, without them,
     still stands, with the rows its own machine ran."""
-    return artifacts.json_sha256({
+    root = Path(os.path.normpath(str(train_cfg.paths.root_dir)))
+    return artifacts.json_sha256(_portable({
         "train": settings("train", train_cfg),
         "compress": [settings("compress", cfg) for cfg in compress_cfgs],
         "benchmark": OmegaConf.to_container(train_cfg.benchmark, resolve=True),
         "variants": [list(v) for v in variants],
-    })
+    }, root))
+
+
+def _portable(value, root: Path):
+    """`value` with absolute paths made relative to the checkout (`../shared/data/tnews`) or the home folder
+    (`~/.cache/...`): another clone, elsewhere, reads the same data under other absolute paths."""
+    if isinstance(value, dict):
+        return {k: _portable(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v, root) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        path = os.path.normpath(value)
+        home = os.path.normpath(os.path.expanduser("~"))
+        if path.startswith(home + os.sep) and not path.startswith(str(root) + os.sep):
+            return "~" + path[len(home):]
+        return os.path.relpath(path, root)
+    return value
 
 
 def find_reusable(stage: str, key: str, cfg: DictConfig) -> Reuse | None:

@@ -44,3 +44,27 @@ def test_publication_puts_our_figures_beside_the_seeds_and_keeps_every_predictio
     beside = text.split("## Beside the seed's CPU table")[1]
     assert "| INT8 | 3.0x (1.9x) | 55.70 (56.57) |" in beside
     assert "| tnews | 2.00 | 0.00 | 0.00 | 2.00 |" in text  # 120 training minutes, in hours
+
+
+def test_a_task_fingerprint_holds_in_another_clone_and_changes_with_a_setting(tmp_path):
+    """A task published in one checkout is carried in a clone elsewhere (other absolute paths, same data beside
+    it), not when a training, compression or benchmark setting differs."""
+    from hydra import compose, initialize_config_dir
+
+    from ernie_lab.config import CONF_DIR
+    from ernie_lab.stages import task_fingerprint
+
+    def fingerprint(*overrides: str) -> str:
+        base = ["experiment=converged", "task=tnews", *overrides]
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="pipeline", overrides=base)
+            compress = [compose(config_name="pipeline", overrides=[*base, f"strategy={s}"])
+                        for s in cfg.pipeline.strategies]
+            return task_fingerprint(cfg, compress, [list(v) for v in cfg.pipeline.variants])
+
+    here = fingerprint()
+    assert fingerprint(f"paths.root_dir={tmp_path / 'clone'}") == here
+    assert fingerprint("train.save_every_steps=7", "train.threads=1") == here  # change nothing computed
+    for changed in ("train.learning_rate=3e-5", "prune.train.max_steps=5", "benchmark.batch_size=16",
+                    "quantize.algo=mse", "pipeline.variants=[[none,fp32]]"):
+        assert fingerprint(changed) != here, changed
