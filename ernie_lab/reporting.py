@@ -30,10 +30,12 @@ class _Progress(Progress):
         super().__init__(*columns, console=console, disable=self.plain, **kwargs)
         self.every_s = every_s
         self._last_line: dict = {}
+        self._started: dict = {}  # task -> (time, completed) when added: a resumed bar starts part-way
 
     def add_task(self, *args, **kwargs):
         task_id = super().add_task(*args, **kwargs)
         self._last_line[task_id] = time.monotonic()
+        self._started[task_id] = (time.monotonic(), self._tasks[task_id].completed)
         return task_id
 
     def advance(self, task_id, advance: float = 1) -> None:
@@ -55,7 +57,10 @@ class _Progress(Progress):
         if task.finished and self._last_line[task_id] == float("inf"):  # said already
             return
         self._last_line[task_id] = float("inf") if task.finished else now
-        remaining = task.time_remaining
+        # from the bar's whole life, not rich's 30-second window (empty after a pause: a SIGSTOP, a slow evaluation)
+        since, done_then = self._started[task_id]
+        rate = (task.completed - done_then) / max(now - since, 1e-9)
+        remaining = (task.total - task.completed) / rate if rate > 0 and task.total is not None else None
         done = f"{task.completed:g}" if task.total is None else \
             f"{task.completed:g}/{task.total:g} ({task.percentage:.0f}%)"
         line = (f"{task.description} {done} "

@@ -23,6 +23,7 @@ def test_every_advance_prints_a_line_when_the_interval_is_zero():
     assert lines[0].startswith("train 2/4 (50%) elapsed 0:00:0") and lines[0].endswith("loss 2.0000")
     assert lines[-1].startswith("train 4/4 (100%)") and lines[-1].endswith("loss 0.0000")
     assert sum("4/4" in line for line in lines) == 1  # the finished bar is said once, not again on exit
+    assert all(", about 0:00:00 left, " in line for line in lines[:-1]) and " left" not in lines[-1]
 
 
 def test_a_long_interval_prints_only_the_finished_bar():
