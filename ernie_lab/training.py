@@ -298,9 +298,15 @@ class FineTuning:
         scores = task.metrics(self.select_examples, predictions)
         self.run_log.log_metrics({f"select/{k}": v for k, v in scores.items()}, step=self.step)
         self.history.append({"epoch": epoch, "step": self.step, **scores})
-        if scores[task.primary_metric] > self.best["metric"]:
+        improved = scores[task.primary_metric] > self.best["metric"]
+        if improved:
             self.best.update(metric=scores[task.primary_metric], step=self.step, epoch=epoch, scores=scores)
             save_checkpoint(self.out_dir, self.model, self.tokenizer, self.cfg, self.best, self.n_params)
+        # the selection curve, as it is drawn (a long run's log shows it without MLflow)
+        console.print(f"select step {self.step} (epoch {epoch + 1}): "
+                      + ", ".join(f"{k} {fmt(v)}" for k, v in scores.items())
+                      + (" - best so far, checkpoint saved" if improved else f" - best stays {fmt(self.best['metric'])}"
+                         f" (step {self.best['step']})"))
         self.model.train()
 
     def save_state(self, epoch: int, batch: int, epoch_rng: dict) -> None:
