@@ -154,6 +154,7 @@ def _train_rules(prefix: str) -> dict[str, Rule]:
         f"{prefix}.log_every_steps": COUNT,
         f"{prefix}.save_every_steps": COUNT_OR_NULL,
         f"{prefix}.resume": Rule(str, choices=("auto", True, False)),
+        f"{prefix}.group_by_length": Bool(),
     }
 
 
@@ -165,7 +166,6 @@ SCHEMA: dict[str, Rule] = {
     "train.eval_every_steps": COUNT_OR_NULL,
     "train.threads": COUNT,
     "train.freeze_word_embeddings": Bool(),
-    "train.group_by_length": Bool(),
     "train.fused_attention": Bool(),
     # model/
     "model.name": Str(nonempty=True),

@@ -257,6 +257,15 @@ class WidthDistillation:
         self.run_log.set_tags({"prune_resumed_from_step": self.step})
         console.print(f"[bold]prune[/] resume distillation from step {self.step} of {self.total_steps} in {self.state_dir}")
 
+    def epoch_order(self) -> np.ndarray:
+        """The next epoch's feature order, drawn from `self.rng` (a resumed run redraws it)."""
+        from ernie_lab.training import length_grouped_order
+
+        if self.tc.get("group_by_length"):
+            lengths = np.array([len(f["input_ids"]) for f in self.features])
+            return length_grouped_order(self.rng, lengths, int(self.tc.batch_size))
+        return self.rng.permutation(len(self.features))
+
     def run(self, ranking: dict) -> dict:
         """Train to the last step; `ranking` (the importance that reordered the student) goes into every saved state."""
         import paddle
@@ -272,7 +281,7 @@ class WidthDistillation:
                                    total=self.total_steps, completed=self.step, info="")
                 while self.step < self.total_steps:
                     epoch_rng = self.rng.bit_generator.state
-                    order = self.rng.permutation(len(self.features))
+                    order = self.epoch_order()
                     for batch_index in range(self.first_batch, self.steps_per_epoch):
                         if self.step >= self.total_steps:
                             break
