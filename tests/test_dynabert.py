@@ -138,6 +138,31 @@ def test_width_settings_are_checked():
 
 
 # ---- through compress.py and infer.py on real TNEWS lines -----------------------------------------------------
+def test_distillation_batches_follow_group_by_length(tiny_model, tmp_path):
+    """With train.group_by_length a distillation epoch is a permutation whose batches pad far less than a random one's."""
+    from ernie_lab.compression.dynabert import WidthDistillation
+
+    lengths = np.random.default_rng(0).integers(5, 120, size=320)
+    features = [{"input_ids": [1] * int(n)} for n in lengths]
+
+    def epoch_order(grouped: bool) -> np.ndarray:
+        prune = make_cfg(["model=tiny", f"train.group_by_length={grouped}", "prune.train.batch_size=16"]).prune
+        assert prune.train.group_by_length is grouped  # follows fine-tuning's setting
+        distillation = WidthDistillation(clone(tiny_model), clone(tiny_model), None, features, prune, [1.0, 0.6667],
+                                         seed=0, run=None, state_dir=tmp_path, settings={})
+        try:
+            return distillation.epoch_order()
+        finally:
+            distillation.distil.remove_hooks()
+
+    def padded_positions(order: np.ndarray) -> int:
+        return int(sum(lengths[order[i : i + 16]].max() * 16 for i in range(0, len(order), 16)))
+
+    grouped, shuffled = epoch_order(True), epoch_order(False)
+    assert sorted(grouped.tolist()) == list(range(len(features)))
+    assert padded_positions(grouped) < 0.7 * padded_positions(shuffled)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("dynabert")
