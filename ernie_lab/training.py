@@ -115,6 +115,14 @@ def length_grouped_order(rng: np.random.Generator, lengths: np.ndarray, batch_si
     return np.concatenate([full[rng.permutation(n_full)].reshape(-1), sorted_order[n_full * batch_size :]])
 
 
+def epoch_order(rng: np.random.Generator, features: list[dict], batch_size: int, group_by_length: bool) -> np.ndarray:
+    """One epoch's order of `features`: length-grouped batches, or a plain shuffle."""
+    if group_by_length:
+        lengths = np.array([len(f["input_ids"]) for f in features])
+        return length_grouped_order(rng, lengths, batch_size)
+    return rng.permutation(len(features))
+
+
 def loss_ends(losses: list[float]) -> tuple[float, float]:
     """Mean loss over the first and over the last few steps (a fifth of them, 1 to 20)."""
     window = max(1, min(20, len(losses) // 5))
@@ -253,10 +261,7 @@ class FineTuning:
 
     def epoch_order(self) -> np.ndarray:
         """The order of the train features in the next epoch, drawn from `self.rng` (so a resumed run redraws it)."""
-        if self.tc.group_by_length:
-            lengths = np.array([len(f["input_ids"]) for f in self.train_features])
-            return length_grouped_order(self.rng, lengths, self.batch_size)
-        return self.rng.permutation(len(self.train_features))
+        return epoch_order(self.rng, self.train_features, self.batch_size, bool(self.tc.group_by_length))
 
     def train_step(self, indices) -> float | None:
         """One optimizer step on the global batch `indices`; the recent mean loss when it is logged, else None."""

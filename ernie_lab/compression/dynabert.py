@@ -259,12 +259,9 @@ class WidthDistillation:
 
     def epoch_order(self) -> np.ndarray:
         """The next epoch's feature order, drawn from `self.rng` (a resumed run redraws it)."""
-        from ernie_lab.training import length_grouped_order
+        from ernie_lab.training import epoch_order
 
-        if self.tc.get("group_by_length"):
-            lengths = np.array([len(f["input_ids"]) for f in self.features])
-            return length_grouped_order(self.rng, lengths, int(self.tc.batch_size))
-        return self.rng.permutation(len(self.features))
+        return epoch_order(self.rng, self.features, int(self.tc.batch_size), bool(self.tc.group_by_length))
 
     def run(self, ranking: dict) -> dict:
         """Train to the last step; `ranking` (the importance that reordered the student) goes into every saved state."""
