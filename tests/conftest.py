@@ -133,3 +133,21 @@ def task_for(cfg):
     from ernie_lab.tasks import build_task
 
     return build_task(cfg.task, build_tokenizer(cfg.model))
+
+
+def peer_dev_batches(workdir: Path) -> list[dict]:
+    """The peer tests' dev set (250 titles) as collated batches of 32, the last one smaller."""
+    task = task_for(peer_cfg(workdir))
+    features = task.featurize(task.load("eval"), training=False)
+    return [task.collate(features[i : i + 32]) for i in range(0, len(features), 32)]
+
+
+def isolated_logits(model_dir: Path, runtime_cfg, precision: str, batches: list[dict]):
+    """The first output of every batch, run in an engine process of its own, as the benchmark runs it."""
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from ernie_lab.inference.engine import measure_isolated
+
+    runtime = OmegaConf.to_container(runtime_cfg, resolve=True)
+    return np.concatenate([o[0] for o in measure_isolated(model_dir, runtime, precision, batches, 0, 1)["outputs"]])

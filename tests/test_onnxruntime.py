@@ -8,10 +8,10 @@ import collections
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from ernie_lab import artifacts
-from tests.conftest import PEER_TINY, export_float, peer_cfg, run_script, task_for, train_and_export_float
+from tests.conftest import (PEER_TINY, export_float, isolated_logits, peer_cfg, peer_dev_batches, run_script, task_for,
+                            train_and_export_float)
 
 ORT = ["runtime=onnxruntime"]
 
@@ -44,16 +44,7 @@ def models(workdir, exported):
 
 @pytest.fixture(scope="module")
 def dev_feeds(workdir):
-    task = task_for(peer_cfg(workdir))
-    features = task.featurize(task.load("eval"), training=False)
-    return [task.collate(features[i : i + 32]) for i in range(0, len(features), 32)]
-
-
-def logits(model_dir, runtime_cfg, precision, feeds):
-    from ernie_lab.inference.engine import measure_isolated
-
-    runtime = OmegaConf.to_container(runtime_cfg, resolve=True)
-    return np.concatenate([o[0] for o in measure_isolated(model_dir, runtime, precision, feeds, 0, 1)["outputs"]])
+    return peer_dev_batches(workdir)
 
 
 def op_counts(model_dir):
@@ -63,8 +54,8 @@ def op_counts(model_dir):
 
 
 def test_onnx_fp32_matches_paddle_fp32(workdir, exported, models, dev_feeds):
-    paddle = logits(exported, peer_cfg(workdir).runtime, "fp32", dev_feeds)
-    onnx = logits(models["fp32"], peer_cfg(workdir, *ORT).runtime, "fp32", dev_feeds)
+    paddle = isolated_logits(exported, peer_cfg(workdir).runtime, "fp32", dev_feeds)
+    onnx = isolated_logits(models["fp32"], peer_cfg(workdir, *ORT).runtime, "fp32", dev_feeds)
     assert paddle.shape == onnx.shape == (250, 15)
     assert np.abs(paddle - onnx).max() < 1e-4
 
@@ -84,9 +75,9 @@ def test_int8_models_agree_with_fp32(workdir, models, dev_feeds):
     runtime = peer_cfg(workdir, *ORT).runtime
     ops = op_counts(models["int8-static"])
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
-    reference = logits(models["fp32"], runtime, "fp32", dev_feeds).argmax(1)
+    reference = isolated_logits(models["fp32"], runtime, "fp32", dev_feeds).argmax(1)
     for variant in ("int8-static", "int8-dynamic"):
-        agreement = np.mean(logits(models[variant], runtime, "int8", dev_feeds).argmax(1) == reference)
+        agreement = np.mean(isolated_logits(models[variant], runtime, "int8", dev_feeds).argmax(1) == reference)
         assert agreement >= 0.9, (variant, agreement)
 
 

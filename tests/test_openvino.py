@@ -12,8 +12,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from ernie_lab import artifacts
-from tests.conftest import (PEER_TINY, export_float, isolated_overrides, make_cfg, peer_cfg, run_script, run_stage, task_for,
-                            train_and_export_float)
+from tests.conftest import (PEER_TINY, export_float, isolated_logits, isolated_overrides, make_cfg, peer_cfg, peer_dev_batches,
+                            run_script, run_stage, task_for, train_and_export_float)
 
 OV = ["runtime=openvino"]
 
@@ -42,16 +42,7 @@ def models(workdir, exported):
 
 @pytest.fixture(scope="module")
 def dev_feeds(workdir):
-    task = task_for(peer_cfg(workdir))
-    features = task.featurize(task.load("eval"), training=False)
-    return [task.collate(features[i : i + 32]) for i in range(0, len(features), 32)]
-
-
-def logits(model_dir, runtime_cfg, precision, feeds):
-    from ernie_lab.inference.engine import measure_isolated
-
-    runtime = OmegaConf.to_container(runtime_cfg, resolve=True)
-    return np.concatenate([o[0] for o in measure_isolated(model_dir, runtime, precision, feeds, 0, 1)["outputs"]])
+    return peer_dev_batches(workdir)
 
 
 def op_counts(model_dir):
@@ -61,8 +52,8 @@ def op_counts(model_dir):
 
 
 def test_openvino_fp32_matches_paddle_fp32(workdir, exported, models, dev_feeds):
-    paddle = logits(exported, peer_cfg(workdir).runtime, "fp32", dev_feeds)
-    openvino = logits(models["fp32"], peer_cfg(workdir, *OV).runtime, "fp32", dev_feeds)
+    paddle = isolated_logits(exported, peer_cfg(workdir).runtime, "fp32", dev_feeds)
+    openvino = isolated_logits(models["fp32"], peer_cfg(workdir, *OV).runtime, "fp32", dev_feeds)
     assert paddle.shape == openvino.shape == (250, 15)
     assert np.mean(paddle.argmax(1) == openvino.argmax(1)) >= 0.999
     assert np.abs(paddle - openvino).max() < 1e-3
@@ -81,8 +72,8 @@ def test_fp32_model_keeps_fp32_weights_and_int8_has_quantizers(models):
 
 def test_int8_agrees_with_fp32(workdir, models, dev_feeds):
     runtime = peer_cfg(workdir, *OV).runtime
-    reference = logits(models["fp32"], runtime, "fp32", dev_feeds).argmax(1)
-    agreement = np.mean(logits(models["int8"], runtime, "int8", dev_feeds).argmax(1) == reference)
+    reference = isolated_logits(models["fp32"], runtime, "fp32", dev_feeds).argmax(1)
+    agreement = np.mean(isolated_logits(models["int8"], runtime, "int8", dev_feeds).argmax(1) == reference)
     assert agreement >= 0.9, agreement
 
 
