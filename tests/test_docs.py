@@ -253,3 +253,26 @@ def test_the_documented_commands_were_found():
     found = [p.values[0] for p in _commands()]
     assert any(c.path == README and c.multirun and "precision=fp16,int8" in c.overrides for c in found)
     assert {c.config_name for c in found} == {"config", "pipeline", "report"}
+
+
+def _table_after(text: str, marker: str) -> str:
+    """The markdown table that starts on the first line after `marker` (a heading or a comment)."""
+    lines = text[text.index(marker):].splitlines()[1:]
+    while lines and not lines[0].startswith("|"):
+        lines.pop(0)
+    table = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    return "\n".join(table)
+
+
+def test_readme_converged_table_is_the_published_one():
+    """The README's converged table is copied from the published report; a task published since must reach it."""
+    report = (PROJECT_ROOT / "results" / "converged" / "report.md").read_text(encoding="utf-8")
+    published = _table_after(report, "## Beside the seed's CPU table")
+    shown = _table_after(README.read_text(encoding="utf-8"), "<!-- copied from results/converged/report.md")
+    assert published.count("\n") >= 5, "results/converged/report.md lost its table beside the seed's"
+    assert shown == published, ("README.md's converged table differs from results/converged/report.md's "
+                                "'Beside the seed's CPU table': copy the report's table into the README")
