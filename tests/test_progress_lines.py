@@ -34,3 +34,35 @@ def test_a_long_interval_prints_only_the_finished_bar():
 def test_a_terminal_gets_rich_bar_and_no_plain_lines():
     text = run_bar(every_s=0, terminal=True)
     assert "train 2/4 (50%)" not in text and "4/4" in text  # the live bar's own M/N column
+
+
+def test_time_left_leaves_out_a_stop_but_not_a_slow_evaluation(monkeypatch):
+    """A run paused with kill -STOP (no CPU time spent) must not read as a slow run afterwards; an evaluation
+    between two steps (CPU busy) is real time and stays in the rate."""
+    from ernie_lab import reporting
+
+    clock = {"wall": 0.0, "cpu": 0.0}
+    monkeypatch.setattr(reporting.time, "monotonic", lambda: clock["wall"])
+    monkeypatch.setattr(reporting, "_cpu_seconds", lambda: clock["cpu"])
+    out = io.StringIO()
+    with progress(output=Console(file=out, force_terminal=False, width=200), every_s=0) as bar:
+        job = bar.add_task("train", total=10, info="")
+        for wall, cpu in [(1, 1), (2, 2),  # two 1-second steps
+                          (1002, 2.5),  # a step, then 1000 s stopped: 999.5 s without CPU time
+                          (1062, 122.5)]:  # a 60-second evaluation on two threads, then a step
+            clock.update(wall=wall, cpu=cpu)
+            bar.advance(job)
+    left = [line.split("about ")[1].split(" left")[0] for line in out.getvalue().splitlines() if "left" in line]
+    # 9 and 8 steps at 1 s; then 3 steps in 2.5 s of running time: 7 / 1.2; then 4 steps in 62.5 s: 6 / 0.064
+    assert left == ["0:00:09", "0:00:08", "0:00:05", "0:01:33"]
+
+
+def test_cpu_seconds_count_a_child_process_that_ended():
+    import subprocess
+    import sys
+
+    from ernie_lab.reporting import _cpu_seconds
+
+    before = _cpu_seconds()
+    subprocess.run([sys.executable, "-c", "sum(i * i for i in range(3_000_000))"], check=True)
+    assert _cpu_seconds() - before > 0.1  # the child's time, reaped by run(), though this process only waited
