@@ -41,9 +41,10 @@ class _Progress(Progress):
 
     def add_task(self, *args, **kwargs):
         task_id = super().add_task(*args, **kwargs)
-        self._last_line[task_id] = time.monotonic()
-        self._started[task_id] = (time.monotonic(), self._tasks[task_id].completed)
-        self._clocks[task_id] = [time.monotonic(), _cpu_seconds()]
+        now = time.monotonic()
+        self._last_line[task_id] = now
+        self._started[task_id] = (now, self._tasks[task_id].completed)
+        self._clocks[task_id] = [now, _cpu_seconds()]
         self._stopped[task_id] = 0.0
         return task_id
 
