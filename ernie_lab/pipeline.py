@@ -107,6 +107,25 @@ def task_fingerprint(cfg: DictConfig, user_overrides: list[str], task: str) -> s
         OmegaConf.to_container(cfg.pipeline.variants, resolve=True))
 
 
+def selection_curve(train_cfg: DictConfig, trained: dict, run_id: str | None) -> dict:
+    """What a publication shows of a task's fine-tuning: the split its checkpoint was selected on, the scores of
+    every evaluation and the best. A training recorded before its result carried the scores has them in its
+    MLflow run (selection_history.json)."""
+    from ernie_lab.tasks import TASKS
+    from ernie_lab.tracking import read_run_json
+
+    history = trained.get("history")
+    if history is None and run_id:
+        history = (read_run_json(train_cfg.tracking, run_id, "selection_history.json") or {}).get("history")
+    task = train_cfg.task
+    split = task.data.eval_split
+    if task.selection_split == "heldout":
+        limit = task.data.limit.heldout
+        split = f"held-out ({min(task.data.heldout_size, limit or task.data.heldout_size)} train examples)"
+    return {"split": split, "metric": TASKS[task.name].primary_metric, "history": history or [],
+            "best": {"step": trained.get("step"), "metric": trained.get("metric")}}
+
+
 def task_overrides(cfg: DictConfig, task: str) -> list[str]:
     """`pipeline.task_overrides.<task>`: overrides for that task's stages only (a key that only one task has)."""
     return list((cfg.pipeline.get("task_overrides") or {}).get(task) or [])
@@ -183,6 +202,7 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
         parent.log_text("\n".join(skipped), "skipped_variants.txt")
     results, failures, crashed, reused = [], [], [], []
     minutes: dict[str, dict[str, float]] = {}  # task -> stage -> wall-clock minutes, failed stages included
+    run_ids: dict[tuple[str, str], str | None] = {}  # (task, stage key) -> the MLflow run that made its result
 
     def stage(name: str, extra: list[str]):
         task = next(e.split("=", 1)[1] for e in extra if e.startswith("task="))
@@ -194,6 +214,7 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
             console.print(f"[green]reused[/] {task} {found.describe()}")
             spent = minutes.setdefault(task, {})
             spent[name] = spent.get(name, 0.0) + found.minutes  # the time it took when it ran
+            run_ids[(task, key)] = found.record.get("run_id")
             return found.result
         started = time.perf_counter()
         try:
@@ -203,6 +224,7 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
             spent_minutes = max((time.perf_counter() - started) / 60,
                                 result.get("seconds_all_attempts", 0.0) / 60 if isinstance(result, dict) else 0.0)
             stages.write_record(name, key, stage_cfg, result, run.run_id, spent_minutes)
+            run_ids[(task, key)] = run.run_id
             return result
         except Exception as exc:  # record, report, and go on with the next task
             failures.append(f"{name} {' '.join(extra)}: {type(exc).__name__}: {exc}")
@@ -217,7 +239,7 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
             spent[name] = spent.get(name, 0.0) + (time.perf_counter() - started) / 60
 
     out_dir = Path(p.publish_dir) if p.publish_dir else None
-    machines = {}
+    machines, selections = {}, {}
     for task in p.tasks:
         fingerprint = task_fingerprint(cfg, user_overrides, task) if out_dir else None
         carried = publish.carried_task(out_dir, task, fingerprint) if out_dir and p.resume else None
@@ -229,9 +251,14 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
             results.extend(carried["results"])
             minutes[task] = dict(carried["minutes"])
             machines[task] = carried["machine"]
+            if carried.get("selection"):
+                selections[task] = carried["selection"]
             continue
         failed_before, task_results = len(failures), []
-        if stage("train", [f"task={task}"]) is not None:
+        trained = stage("train", [f"task={task}"])
+        if trained is not None:
+            train_cfg = _stage_config(user_overrides, [f"task={task}", *task_overrides(cfg, task)])
+            selections[task] = selection_curve(train_cfg, trained, run_ids.get((task, "train")))
             for strategy in strategies:
                 stage("compress", [f"task={task}", f"strategy={strategy}"])
             for v in variants:
@@ -242,8 +269,9 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
         machines[task] = stages.machine()
         if out_dir and task_results and len(failures) == failed_before:  # publish what is finished, as it finishes
             publish.publish(results, out_dir, publication_header(cfg, user_overrides, failures), minutes, reused,
-                            machines)
-            publish.write_task_record(out_dir, task, fingerprint, task_results, minutes[task], machines[task])
+                            machines, selections)
+            publish.write_task_record(out_dir, task, fingerprint, task_results, minutes[task], machines[task],
+                                      selections.get(task))
             console.print(f"published {task} to {out_dir} (tasks/{task}.json: the same command elsewhere takes it from there)")
 
     if reused:
@@ -259,7 +287,7 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
         console.print(f"table and Pareto charts written beside {results_file}")
     if out_dir and results:
         published = publish.publish(results, out_dir, publication_header(cfg, user_overrides, failures), minutes, reused,
-                                    machines)
+                                    machines, selections)
         parent.log_artifact(published, "published")
         console.print(f"published to {published.parent} (report.md, runs.csv, predictions/)")
     if failures:

@@ -150,12 +150,16 @@ def _write_predictions(results: list[dict], out_dir: Path) -> dict[int, str]:
 
 
 def write_task_record(out_dir: Path, task: str, fingerprint: str, results: list[dict], minutes: dict[str, float],
-                      machine: dict) -> Path:
-    """tasks/<task>.json: a finished task's rows, minutes and machine under the fingerprint of its settings."""
+                      machine: dict, selection: dict | None = None) -> Path:
+    """tasks/<task>.json: a finished task's rows, minutes, machine and selection curve under the fingerprint of its
+    settings."""
     path = out_dir / TASKS_DIR / f"{task}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    artifacts.write_json_atomic(path, {"task": task, "fingerprint": fingerprint, "finished_at": artifacts.now_iso(),
-                                       "machine": machine, "minutes": minutes, "results": results})
+    record = {"task": task, "fingerprint": fingerprint, "finished_at": artifacts.now_iso(), "machine": machine,
+              "minutes": minutes, "results": results}
+    if selection:
+        record["selection"] = selection
+    artifacts.write_json_atomic(path, record)
     return path
 
 
@@ -172,15 +176,29 @@ def carried_task(out_dir: Path, task: str, fingerprint: str) -> dict | None:
     return {**record, "results": results, "path": path}
 
 
+def selection_section(selections: dict[str, dict]) -> str:
+    """Per task: the split its fine-tuned checkpoint was selected on and its metric at each evaluation (step: value),
+    so a reader sees whether the training had levelled off; every benchmarked row starts from the best."""
+    lines = ["| task | selected on | metric | step: value at each evaluation | best |", "|---|---|---|---|---|"]
+    for task in [t for t in TASK_TITLES if t in selections] + sorted(set(selections) - set(TASK_TITLES)):
+        s = selections[task]
+        curve = ", ".join(f"{h['step']}: {h[s['metric']]:.2f}" for h in s["history"] if s["metric"] in h) or "-"
+        best = s.get("best") or {}
+        best_text = f"{best['metric']:.2f} at step {best['step']}" if best.get("metric") is not None else "-"
+        lines.append(f"| {TASK_TITLES.get(task, task)} | {s['split']} | {s['metric']} | {curve} | {best_text} |")
+    return "\n".join(lines) + "\n"
+
+
 def machine_line(machine: dict) -> str:
     flags = [f for f in machine.get("flags", []) if f.startswith(("avx", "amx", "fma"))]
     return f"{machine.get('cpu', 'unknown CPU')}; flags: {' '.join(flags) or 'none of avx/amx/fma'}"
 
 
 def publish(results: list[dict], out_dir: Path, header: list[str], minutes: dict[str, dict[str, float]],
-            reused: list[str], machines: dict[str, dict] | None = None) -> Path:
+            reused: list[str], machines: dict[str, dict] | None = None, selections: dict[str, dict] | None = None) -> Path:
     """Write report.md, runs.csv and predictions/ into `out_dir` (replacing an earlier publication's files).
-    `machines`: the machine each task ran on, where they differ (tasks carried from another machine)."""
+    `machines`: the machine each task ran on, where they differ (tasks carried from another machine).
+    `selections`: each task's fine-tuning curve (`selection_section`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = _write_predictions(results, out_dir)
     rows = csv_rows(results, files)
@@ -194,6 +212,10 @@ def publish(results: list[dict], out_dir: Path, header: list[str], minutes: dict
     text += engine_choices(results)
     text += "\n## Beside the seed's CPU table (ERNIE 3.0-Medium; seed's figures in brackets)\n\n" + seed_beside(rows)
     text += "\n## Accuracy lost against FP32 (seed's loss in brackets)\n\n" + accuracy_cost(rows)
+    if selections:
+        text += ("\n## Fine-tuning: the selection metric at each evaluation\n\n"
+                 "Every row above starts from the checkpoint best on its task's selection split.\n\n"
+                 + selection_section(selections))
     text += "\n## Hours per task and stage\n\n" + hours_section(minutes)
     if machines and len({json.dumps(m, sort_keys=True) for m in machines.values()}) > 1:
         text += ("\nThe tasks ran on different machines; each task's speed-ups are of its own FP32 on its own:\n"

@@ -174,7 +174,8 @@ def _finished_training(key: str, cfg: DictConfig) -> Reuse | None:
         return None
     checkpoint = artifacts.finetuned_dir(cfg)
     return Reuse({"stage": "train", "key": key, "finished_at": state["finished"]["at"], "run_id": None,
-                  "result": {"checkpoint": str(checkpoint), **state.get("best", {})}, "minutes": 0.0})
+                  "result": {"checkpoint": str(checkpoint), **state.get("best", {}), "history": state.get("history")},
+                  "minutes": 0.0})
 
 
 def write_record(stage: str, key: str, cfg: DictConfig, result, run_id: str | None, minutes: float) -> Path:

@@ -289,6 +289,20 @@ def ui_hint(tracking_cfg: DictConfig) -> str:
     return f"open {address}" if served else f"run `.venv/bin/mlflow ui --backend-store-uri {uri}`, then open {address}"
 
 
+def read_run_json(tracking_cfg: DictConfig, run_id: str, name: str) -> dict | None:
+    """A JSON artifact of a run (e.g. a training's selection_history.json), None when the run or the file is gone."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = _client(tracking_cfg).download_artifacts(run_id, name, tmp)
+        except (MlflowException, OSError):
+            return None
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
 def find_runs(tracking_cfg: DictConfig, filter_string: str) -> list:
     client = _client(tracking_cfg)
     exp = client.get_experiment_by_name(tracking_cfg.experiment_name)

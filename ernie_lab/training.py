@@ -162,7 +162,7 @@ class FineTuning:
         if not self.lead:
             return {"checkpoint": str(self.out_dir), "rank": self.rank}  # rank 0 reports
         # the checkpoint says it is complete before the state that could resume it goes (ernie_lab.stages reads it)
-        mark_finished(self.out_dir, self.settings, self.step)
+        mark_finished(self.out_dir, self.settings, self.step, self.history)
         shutil.rmtree(self.state_dir, ignore_errors=True)
         return self.summarize(time.perf_counter() - started, first_step)
 
@@ -353,7 +353,8 @@ class FineTuning:
             pct = f", {speed['train/roofline_pct']:.0f}% of the fp32 GEMM peak" if "train/roofline_pct" in speed else ""
             console.print(f"training steps ran at {speed['train/gflops']:.1f} GFLOP/s{pct}")
         return {"checkpoint": str(self.out_dir), "loss_first": first, "loss_last": last,
-                "seconds_all_attempts": self.seconds_before + time.perf_counter() - self.started, **best}
+                "seconds_all_attempts": self.seconds_before + time.perf_counter() - self.started, **best,
+                "history": self.history}
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -425,11 +426,13 @@ def save_train_state(state_dir: Path, model, optimizer, progress_state: dict) ->
         (tmp / STATE_FILE).write_text(json.dumps(progress_state, default=str), encoding="utf-8")
 
 
-def mark_finished(out_dir: Path, settings: dict, steps: int) -> None:
-    """Note in the best checkpoint that the training which made it ran to its end, and with which settings."""
+def mark_finished(out_dir: Path, settings: dict, steps: int, history: list[dict]) -> None:
+    """Note in the best checkpoint that the training which made it ran to its end, with which settings, and the
+    selection scores of all its evaluations (the curve a published report shows)."""
     path = out_dir / "training_state.json"
     state = artifacts.read_json(path)
     state["finished"] = {"settings_sha256": artifacts.json_sha256(settings), "steps": steps, "at": artifacts.now_iso()}
+    state["history"] = history
     artifacts.write_json_atomic(path, state)
 
 

@@ -67,6 +67,12 @@ def weights(tmp: Path, model: str = "finetuned") -> dict:
     return {k: np.asarray(v) for k, v in state.items()}
 
 
+def selection_row(results_dir: Path) -> str:
+    """The published report's fine-tuning curve of TNEWS: its selection split, metric and each evaluation's score."""
+    section = (results_dir / "report.md").read_text().split("## Fine-tuning: the selection metric at each evaluation")[1]
+    return next(line for line in section.splitlines() if line.startswith("| TNEWS |"))
+
+
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory) -> Path:
     """A pipeline that ran from start to end without a stop."""
@@ -140,6 +146,9 @@ def test_a_killed_pipeline_continues_where_it_stopped_and_ends_as_an_unstopped_o
     text = (published / "report.md").read_text()
     assert "- commit: " in text and "- CPU: " in text and "## Hours per task and stage" in text
     assert "| tnews | " in text.split("## Hours per task and stage")[1]
+    # the curve survives the stops, and a training found only in its checkpoint (train.json removed) still has it
+    assert re.match(r"\| TNEWS \| held-out \(64 train examples\) \| accuracy \| (\d+: [\d.]+(, )?)+ \| [\d.]+ at step \d+ \|$", selection_row(published))
+    assert selection_row(published) == selection_row(whole / "results")
 
 
 def test_a_published_task_is_carried_to_a_machine_without_its_artifacts(tmp_path, whole):
@@ -156,6 +165,7 @@ def test_a_published_task_is_carried_to_a_machine_without_its_artifacts(tmp_path
     for gz in sorted((whole / "results" / "predictions").rglob("*.gz")):
         assert (elsewhere / "results" / gz.relative_to(whole / "results")).read_bytes() == gz.read_bytes()
     assert "all stages carried from" in (elsewhere / "results" / "report.md").read_text()
+    assert selection_row(elsewhere / "results") == selection_row(whole / "results")
 
     changed = pipeline(elsewhere, None, "benchmark.warmup_batches=2")  # another fingerprint: the task runs again
     assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]

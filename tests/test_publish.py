@@ -68,3 +68,39 @@ def test_a_task_fingerprint_holds_in_another_clone_and_changes_with_a_setting(tm
     for changed in ("train.learning_rate=3e-5", "prune.train.max_steps=5", "benchmark.batch_size=16",
                     "quantize.algo=mse", "pipeline.variants=[[none,fp32]]"):
         assert fingerprint(changed) != here, changed
+
+
+def test_the_report_shows_each_tasks_selection_curve_and_a_carried_task_keeps_it(tmp_path):
+    from ernie_lab.publish import carried_task, write_task_record
+
+    results = [result(tmp_path, "msra_ner", "none", "fp32", 100.0, 88.0)]
+    selection = {"split": "held-out (2000 train examples)", "metric": "f1", "best": {"step": 1383, "metric": 82.875},
+                 "history": [{"epoch": 0, "step": 1000, "f1": 81.4226, "precision": 81.1},
+                             {"epoch": 0, "step": 1383, "f1": 82.875, "precision": 80.6}]}
+    out = tmp_path / "results"
+    report = publish(results, out, ["# x"], {"msra_ner": {"train": 60.0}}, [], selections={"msra_ner": selection})
+    section = report.read_text().split("## Fine-tuning: the selection metric at each evaluation")[1]
+    assert ("| MSRA_NER | held-out (2000 train examples) | f1 | 1000: 81.42, 1383: 82.88 | 82.88 at step 1383 |"
+            in section)
+    write_task_record(out, "msra_ner", "fp", results, {"train": 60.0}, {"cpu": "c"}, selection)
+    assert carried_task(out, "msra_ner", "fp")["selection"] == selection
+    assert "## Fine-tuning" not in publish(results, tmp_path / "bare", ["# x"], {}, []).read_text()
+
+
+def test_a_training_recorded_without_its_curve_gets_it_from_its_mlflow_run(tmp_path):
+    """Trainings that ran before a result carried its evaluations (the converged MSRA_NER run) logged them as
+    selection_history.json in their MLflow run; the publication reads them there."""
+    from ernie_lab.pipeline import selection_curve
+    from ernie_lab.tracking import tracked_run
+    from tests.conftest import isolated_overrides, make_cfg
+
+    cfg = make_cfg(["model=tiny", "task=msra_ner", *isolated_overrides(tmp_path)])
+    history = [{"epoch": 0, "step": 10, "f1": 40.0}, {"epoch": 1, "step": 20, "f1": 55.5}]
+    with tracked_run(cfg, "train") as run:
+        run.log_dict({"history": history, "best": {"metric": 55.5, "step": 20}}, "selection_history.json")
+    old_result = {"checkpoint": "x", "metric": 55.5, "step": 20, "epoch": 1}
+    curve = selection_curve(cfg, old_result, run.run_id)
+    assert curve["history"] == history and curve["metric"] == "f1" and curve["best"] == {"step": 20, "metric": 55.5}
+    assert curve["split"] == "held-out (2000 train examples)"  # conf/task/msra_ner.yaml selects on train's held-out slice
+    assert selection_curve(cfg, old_result, "0" * 32)["history"] == []  # a run that is gone: no curve, no crash
+    assert selection_curve(cfg, {**old_result, "history": history[:1]}, None)["history"] == history[:1]
