@@ -88,10 +88,11 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
             runtime.check_precision(rt_cfg, precision)
             variants.append(variant)
     strategies = needed_strategies(p.strategies, variants, user_overrides)
+    reads, _ = strategies_read(strategies, variants, user_overrides)
     parent = start_parent_run(cfg, "pipeline", {"sweep_command": "python -m ernie_lab.pipeline " + " ".join(user_overrides),
                                                 "int8_runtime": int8_shown})
     try:
-        return _run_stages(cfg, user_overrides, parent, strategies, variants, skipped)
+        return _run_stages(cfg, user_overrides, parent, strategies, reads, skipped)
     except BaseException as exc:  # stopped (KILLED) or crashed (FAILED): the parent run must not stay RUNNING
         close_failed(parent, exc)
         raise
@@ -175,16 +176,21 @@ def int8_runtime(cfg: DictConfig) -> str | None:
     return runtime.auto_runtime("int8")[0]
 
 
+def strategies_read(strategies, variants: list[Variant], user_overrides: list[str]) -> tuple[dict, dict]:
+    """Each variant's compressions (its own strategy's export, and for INT8 on Paddle Inference the quantized export
+    of its int8 counterpart), and the strategy configs of `strategies` and the variants."""
+    strategy_cfgs = {s: _stage_config(user_overrides, [f"strategy={s}"]).strategy
+                     for s in {*strategies, *(v.strategy for v in variants)}}
+    reads = {v: frozenset({v.strategy, *([strategy_cfgs[v.strategy].int8_counterpart] if v.reads_paddle_int8 else [])})
+             for v in variants}
+    return reads, strategy_cfgs
+
+
 def needed_strategies(strategies, variants: list[Variant], user_overrides: list[str]) -> list[str]:
     """`pipeline.strategies` less the Paddle-quantized exports (ptq, dynabert_ptq) that no variant reads: the peer
     engines quantize the float export themselves."""
-    strategy_cfgs = {s: _stage_config(user_overrides, [f"strategy={s}"]).strategy
-                     for s in {*strategies, *(v.strategy for v in variants)}}
-    read = set()
-    for v in variants:
-        read.add(v.strategy)
-        if v.reads_paddle_int8:
-            read.add(strategy_cfgs[v.strategy].int8_counterpart)
+    reads, strategy_cfgs = strategies_read(strategies, variants, user_overrides)
+    read = set().union(*reads.values())
     kept = []
     for strategy in strategies:
         if "quantize" not in strategy_cfgs[strategy].steps or strategy in read:
@@ -194,9 +200,27 @@ def needed_strategies(strategies, variants: list[Variant], user_overrides: list[
     return kept
 
 
-def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: list[str], variants: list[Variant],
-                skipped: list[str]) -> int:
+def benchmark_order(strategies: list[str], reads: dict) -> list[tuple[str | None, list[Variant]]]:
+    """The order of a task's compressions and benchmarks: each variant is benchmarked as soon as the compressions it
+    reads have run (FP32 and INT8 of the unpruned model before DynaBERT's hours of distillation), so a long run
+    knows its FP32 score early. Pairs (strategy to compress, variants to benchmark after it); variants reading a
+    strategy outside `strategies` come last (strategy None)."""
+    order, pending, attempted = [], list(reads), set()
+    for strategy in strategies:
+        attempted.add(strategy)
+        ready = [v for v in pending if reads[v] <= attempted]
+        pending = [v for v in pending if v not in ready]
+        order.append((strategy, ready))
+    if pending:
+        order.append((None, pending))
+    return order
+
+
+def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: list[str],
+                reads: dict[Variant, frozenset[str]], skipped: list[str]) -> int:
+    """`reads`: the variants to benchmark, in the table's order, with the compressions each reads."""
     p = cfg.pipeline
+    variants = list(reads)
     parent.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
     if skipped:
         parent.log_text("\n".join(skipped), "skipped_variants.txt")
@@ -259,12 +283,14 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
         if trained is not None:
             train_cfg = _stage_config(user_overrides, [f"task={task}", *task_overrides(cfg, task)])
             selections[task] = selection_curve(train_cfg, trained, run_ids.get((task, "train")))
-            for strategy in strategies:
-                stage("compress", [f"task={task}", f"strategy={strategy}"])
-            for v in variants:
-                result = stage("infer", [f"task={task}", f"strategy={v.strategy}", f"precision={v.precision}", *v.extra])
-                if result is not None:
-                    task_results.append(result)
+            finished = {}
+            for strategy, ready in benchmark_order(strategies, reads):
+                if strategy is not None:
+                    stage("compress", [f"task={task}", f"strategy={strategy}"])
+                for v in ready:
+                    finished[v] = stage("infer", [f"task={task}", f"strategy={v.strategy}", f"precision={v.precision}",
+                                                  *v.extra])
+            task_results = [finished[v] for v in variants if finished.get(v) is not None]  # the table's order
         results.extend(task_results)
         machines[task] = stages.machine()
         if out_dir and task_results and len(failures) == failed_before:  # publish what is finished, as it finishes

@@ -71,6 +71,18 @@ def test_int8_rows_run_where_int8_keeps_accuracy_and_unread_int8_exports_are_not
         mixed = [ort[1], variants[3]]  # ORT INT8 of none, Paddle INT8 of dynabert
         assert pipeline.needed_strategies(strategies, mixed, []) == ["none", "dynabert", "dynabert_ptq"]
 
+        # each variant is benchmarked once what it reads is compressed: the unpruned rows before DynaBERT's distillation
+        def order(strategies, variants):
+            reads, _ = pipeline.strategies_read(strategies, variants, [])
+            return [(s, [f"{v.strategy}/{v.precision}" for v in ready])
+                    for s, ready in pipeline.benchmark_order(strategies, reads)]
+
+        assert order(strategies, variants) == [("none", ["none/fp32"]), ("ptq", ["none/int8"]),
+                                               ("dynabert", ["dynabert/fp32"]), ("dynabert_ptq", ["dynabert/int8"])]
+        assert order(["none", "dynabert"], ort) == [("none", ["none/fp32", "none/int8"]),
+                                                    ("dynabert", ["dynabert/fp32", "dynabert/int8"])]
+        assert order(["dynabert"], variants[2:3] + variants[:1]) == [("dynabert", ["dynabert/fp32"]), (None, ["none/fp32"])]
+
 
 def test_task_overrides_reach_only_their_tasks_stages():
     from hydra import initialize_config_dir
