@@ -54,12 +54,21 @@ class SleepyWorkload:
         return len(outputs)
 
 
-def test_warm_up_runs_until_both_the_count_and_the_time_are_reached():
-    backend = SlowBackend()
-    done = _warm_up(backend, [{}] * 3, min_batches=2, min_seconds=0.1)
-    assert done["seconds"] >= 0.1 and done["batches"] >= 7  # ~13 ms a batch: time, not count, decided
-    backend = SlowBackend()
-    assert _warm_up(backend, [{}] * 3, min_batches=5, min_seconds=0.0)["batches"] == 5
+def test_warm_up_runs_until_both_the_count_and_the_time_are_reached(monkeypatch):
+    """On a clock that each batch moves by 13 ms, so that a busy machine cannot change the count (a real sleep of
+    13 ms took 83 ms beside a training, and two batches then passed 0.1 s)."""
+    from ernie_lab.inference import engine
+
+    now = [0.0]
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: now[0])
+
+    class TickingBackend:
+        def run(self, batch):
+            now[0] += 0.013
+
+    done = _warm_up(TickingBackend(), [{}] * 3, min_batches=2, min_seconds=0.1)
+    assert done["batches"] == 8 and done["seconds"] == pytest.approx(0.104)  # time, not count, decided
+    assert _warm_up(TickingBackend(), [{}] * 3, min_batches=5, min_seconds=0.0)["batches"] == 5  # count decided
 
 
 def test_stage_times_account_for_the_wall_clock():
