@@ -87,8 +87,8 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
         else:  # a config mistake fails here, before hours of work, not at its infer stage
             runtime.check_precision(rt_cfg, precision)
             variants.append(variant)
-    strategies = needed_strategies(p.strategies, variants, user_overrides)
-    reads, _ = strategies_read(strategies, variants, user_overrides)
+    reads, strategy_cfgs = strategies_read(p.strategies, variants, user_overrides)
+    strategies = needed_strategies(p.strategies, reads, strategy_cfgs)
     parent = start_parent_run(cfg, "pipeline", {"sweep_command": "python -m ernie_lab.pipeline " + " ".join(user_overrides),
                                                 "int8_runtime": int8_shown})
     try:
@@ -186,10 +186,9 @@ def strategies_read(strategies, variants: list[Variant], user_overrides: list[st
     return reads, strategy_cfgs
 
 
-def needed_strategies(strategies, variants: list[Variant], user_overrides: list[str]) -> list[str]:
+def needed_strategies(strategies, reads: dict, strategy_cfgs: dict) -> list[str]:
     """`pipeline.strategies` less the Paddle-quantized exports (ptq, dynabert_ptq) that no variant reads: the peer
-    engines quantize the float export themselves."""
-    reads, strategy_cfgs = strategies_read(strategies, variants, user_overrides)
+    engines quantize the float export themselves. `reads`, `strategy_cfgs`: from `strategies_read`."""
     read = set().union(*reads.values())
     kept = []
     for strategy in strategies:

@@ -64,12 +64,12 @@ def test_int8_rows_run_where_int8_keeps_accuracy_and_unread_int8_exports_are_not
     assert pipeline.int8_runtime(make_cfg(["pipeline.int8_runtime=cpu"], config_name="pipeline")) == "cpu"  # forced
     with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
         # Paddle INT8 reads the ptq exports; ONNX Runtime quantizes the float ones itself
-        assert pipeline.needed_strategies(strategies, variants, []) == strategies
+        assert pipeline.needed_strategies(strategies, *pipeline.strategies_read(strategies, variants, [])) == strategies
         ort = [pipeline.Variant(v.strategy, v.precision, ("runtime=onnxruntime",), True)
                if v.precision == "int8" else v for v in variants]
-        assert pipeline.needed_strategies(strategies, ort, []) == ["none", "dynabert"]
+        assert pipeline.needed_strategies(strategies, *pipeline.strategies_read(strategies, ort, [])) == ["none", "dynabert"]
         mixed = [ort[1], variants[3]]  # ORT INT8 of none, Paddle INT8 of dynabert
-        assert pipeline.needed_strategies(strategies, mixed, []) == ["none", "dynabert", "dynabert_ptq"]
+        assert pipeline.needed_strategies(strategies, *pipeline.strategies_read(strategies, mixed, [])) == ["none", "dynabert", "dynabert_ptq"]
 
         # each variant is benchmarked once what it reads is compressed: the unpruned rows before DynaBERT's distillation
         def order(strategies, variants):
