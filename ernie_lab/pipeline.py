@@ -226,11 +226,13 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
     results, failures, crashed, reused = [], [], [], []
     minutes: dict[str, dict[str, float]] = {}  # task -> stage -> wall-clock minutes, failed stages included
     run_ids: dict[tuple[str, str], str | None] = {}  # (task, stage key) -> the MLflow run that made its result
+    configs: dict[tuple[str, str], DictConfig] = {}  # (task, stage key) -> the stage's composed config
 
     def stage(name: str, extra: list[str]):
         task = next(e.split("=", 1)[1] for e in extra if e.startswith("task="))
         stage_cfg = _stage_config(user_overrides, [*extra, *task_overrides(cfg, task)])
         key = stages.stage_key(name, extra)
+        configs[(task, key)] = stage_cfg
         found = stages.find_reusable(name, key, stage_cfg) if p.resume else None
         if found is not None:  # finished by an earlier run of this command, with these settings and inputs
             reused.append(f"{task}: {found.describe()}")
@@ -280,8 +282,8 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
         failed_before, task_results = len(failures), []
         trained = stage("train", [f"task={task}"])
         if trained is not None:
-            train_cfg = _stage_config(user_overrides, [f"task={task}", *task_overrides(cfg, task)])
-            selections[task] = selection_curve(train_cfg, trained, run_ids.get((task, "train")))
+            train_key = (task, stages.stage_key("train", [f"task={task}"]))
+            selections[task] = selection_curve(configs[train_key], trained, run_ids.get(train_key))
             finished = {}
             for strategy, ready in benchmark_order(strategies, reads):
                 if strategy is not None:

@@ -123,7 +123,12 @@ def fingerprint(stage: str, cfg: DictConfig) -> str | None:
         return None
     described = {"stage": stage, "settings": settings(stage, cfg), "inputs": inputs}
     if stage == "infer":  # speed belongs to a machine: a copy of the artifacts on another CPU measures again
+        from ernie_lab.tasks import TASKS
+
         described["machine"] = machine()
+        revision = TASKS[cfg.task.name].output_revision
+        if revision != 1:  # absent at 1, so the records from before revisions existed stay valid
+            described["output_revision"] = revision
     return artifacts.json_sha256(described)
 
 

@@ -14,7 +14,8 @@ from ernie_lab.config import CONF_DIR
 from ernie_lab.errors import ConfigError, DataError
 from ernie_lab.metrics import tag_entities
 from ernie_lab.tasks import build_task
-from ernie_lab.tasks.msra_ner import IGNORE_INDEX, LABELS, MsraNerTask, Window, plan_windows, read_char_tags
+from ernie_lab.tasks.msra_ner import (IGNORE_INDEX, LABELS, MsraNerTask, Window, decode_bio, log_softmax, plan_windows,
+                                      read_char_tags, repair_lone_inside)
 from tests.conftest import RecordingRun, isolated_overrides, make_cfg
 
 
@@ -199,7 +200,7 @@ def test_planted_logits_come_back_as_the_gold_tags(tokenizer, overrides):
     lengths = [5, task.window, task.window + 1, 3 * task.window + 17, 4 * task.window]
     examples = [
         {"id": k, "chars": list(rng.choice(list("中国人民北京上海"), size=n)),
-         "tags": list(rng.choice(LABELS, size=n))}
+         "tags": valid_bio(list(rng.choice(LABELS, size=n)))}
         for k, n in enumerate(lengths)
     ]
     features = task.featurize(examples, training=False)
@@ -208,6 +209,39 @@ def test_planted_logits_come_back_as_the_gold_tags(tokenizer, overrides):
     predictions = task.postprocess(examples, features, planted_outputs(features, [ex["tags"] for ex in examples]))
     assert predictions == [ex["tags"] for ex in examples]
     assert task.metrics(examples, predictions)["f1"] == 100.0
+
+
+def valid_bio(tags: list[str]) -> list[str]:
+    repair_lone_inside(tags)
+    return tags
+
+
+def is_valid_bio(tags) -> bool:
+    return all(not t.startswith("I-") or (i and tags[i - 1][2:] == t[2:]) for i, t in enumerate(tags))
+
+
+def test_decoding_joins_a_fragment_that_argmax_leaves():
+    # argmax reads O I-PER I-PER (seqeval: a PER entity without its first character); the constrained path
+    # keeps the whole name, since O cannot precede I-PER
+    probs = np.full((3, len(LABELS)), 0.01)
+    probs[0, [LABELS.index("O"), LABELS.index("B-PER")]] = 0.5, 0.4
+    probs[1:, LABELS.index("I-PER")] = 0.9
+    log_probs = np.log(probs / probs.sum(axis=1, keepdims=True))
+    assert [LABELS[i] for i in log_probs.argmax(axis=1)] == ["O", "I-PER", "I-PER"]
+    assert [LABELS[i] for i in decode_bio(log_probs)] == ["B-PER", "I-PER", "I-PER"]
+
+
+def test_decoding_finds_the_best_valid_sequence():
+    # against every one of the 7^4 sequences of four tags, on random scores
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*[np.arange(len(LABELS))] * 4, indexing="ij"), axis=-1).reshape(-1, 4)
+    valid = grid[[is_valid_bio([LABELS[i] for i in row]) for row in grid]]
+    for _ in range(50):
+        log_probs = log_softmax(rng.normal(scale=3.0, size=(4, len(LABELS))))
+        best = valid[np.argmax(log_probs[np.arange(4), valid].sum(axis=1))]
+        assert decode_bio(log_probs) == best.tolist()
+    single = log_softmax(rng.normal(size=(1, len(LABELS))))
+    assert LABELS[decode_bio(single)[0]] in [t for t in LABELS if not t.startswith("I-")]
 
 
 def test_training_features_skip_empty_sentences_and_label_every_window(task):

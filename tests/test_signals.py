@@ -47,8 +47,13 @@ def param_logged(name: str):
     return lambda tmp, proc: bool(_rows(tmp / "mlflow.db", f"select 1 from params where key = '{name}'"))
 
 
-def file_exists(pattern: str):
-    return lambda tmp, proc: any((tmp / "artifacts").glob(pattern))
+def printed(text: str):
+    """The command's output (stdout and stderr, in `stop`'s log) shows `text`."""
+    def check(tmp: Path, proc) -> bool:
+        log = tmp / "command.log"
+        return log.exists() and text in log.read_text(errors="replace")
+
+    return check
 
 
 def settled(when, seconds: float):
@@ -165,10 +170,11 @@ def test_sigterm_during_calibration(trained, tmp_path):
     tmp = _fresh(trained, tmp_path)
     args = [*TINY, "strategy=ptq", "task.data.heldout_size=10000", "quantize.batch_size=1",
             "quantize.batch_nums=10000", "quantize.algo=hist"]
-    # the float model is written into the hidden work directory, checked against dygraph on 64 examples (seconds),
-    # then calibrated on 10000 single-example batches, twice (hist): far longer
-    exported = file_exists("**/.ptq.tmp-*/float/model.pdiparams")
-    code, output, runs = stop("compress.py", args, signal.SIGTERM, settled(exported, 12.0), tmp)
+    # 10000 single-example batches, twice (hist): minutes, far longer than the export and its check before them.
+    # The stop waits for the calibration bar's first line (a minute in): a fixed delay after the export once
+    # landed in the check under load.
+    calibrating = printed("calibrate (hist) ")
+    code, output, runs = stop("compress.py", args, signal.SIGTERM, calibrating, tmp)
     where = assert_killed(code, output, runs, tmp, signal.SIGTERM)
     assert "compression/ptq_search.py" in where or "compression/quantize.py" in where, where
 

@@ -80,6 +80,9 @@ class Task(ABC):
     per_token_outputs: bool = False
     #: file ending of the predictions file
     predictions_suffix: str = ".jsonl"
+    #: raised whenever post-processing changes what the same model outputs score, so that an inference recorded
+    #: before (ernie_lab.stages) is run again rather than reused
+    output_revision: int = 1
 
     def __init__(self, cfg: DictConfig, tokenizer: Any):
         self.cfg = cfg
