@@ -236,6 +236,13 @@ def close_failed(run: TrackedRun, exc: BaseException) -> None:
             run.set_tags({k: str(v)[:5000] for k, v in extra.items()})
     finally:  # the status matters most: set it even if logging the details failed
         run.client.set_terminated(run.run_id, "KILLED" if stopped else "FAILED")
+    if stopped and run.run_id:  # a failure is reported by whoever catches it; a stop would otherwise exit silently
+        from ernie_lab.reporting import console
+
+        why = str(exc) if isinstance(exc, signals.Stopped) else \
+            "interrupted" if isinstance(exc, KeyboardInterrupt) else f"exited with status {exc.code}"
+        console.print(f"{why}: MLflow run {run.run_id} closed as KILLED, stopped at {stopped_at(exc)}",
+                      markup=False, highlight=False, soft_wrap=True)
 
 
 class UntrackedRun(TrackedRun):

@@ -122,6 +122,8 @@ def assert_killed(code: int, output: str, runs: list, tmp: Path, signum: int) ->
     assert stage, by_run
     tags = stage[0]
     assert "ernie_lab/" in tags.get("stopped_at", ""), by_run
+    # and the command says so, rather than exiting silently
+    assert f"stopped by {name}: MLflow run " in output and "closed as KILLED, stopped at ernie_lab/" in output, output[-3000:]
     print(f"{signal.Signals(signum).name}: stopped at {tags['stopped_at']}")
     return tags["stopped_at"]
 

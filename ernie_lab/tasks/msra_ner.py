@@ -8,7 +8,7 @@ metric always covers every character of the split.
 Decoding: the tag sequence of a sentence is the most probable one that BIO allows (Viterbi over the characters'
 log-probabilities; an I-X only after B-X or I-X), not each character's own argmax. Argmax leaves fragments such as
 O I-PER I-PER that seqeval reads as a separate entity; on the converged e5-small model the constraint raised test
-F1 from 87.63 to 89.00 (docs/results.md).
+F1 from 87.63 to 89.00 (docs/long-runs.md, "Status").
 
 Bad input: a line without exactly two tab-separated columns, an unknown tag or non-UTF-8 bytes is a DataError
 naming file and line. An `I-X` that does not continue an X entity (after O, or after another type) is repaired
