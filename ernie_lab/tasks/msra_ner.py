@@ -31,11 +31,16 @@ ENTITY_TYPES = ("PER", "ORG", "LOC")
 IGNORE_INDEX = -100
 
 
+def breaks_bio(before: str | None, tag: str) -> bool:
+    """`tag` cannot follow `before` (None: the sentence's start) in BIO: an I-X that does not continue an X entity."""
+    return tag.startswith("I-") and (before is None or before[2:] != tag[2:])
+
+
 def repair_lone_inside(tags: list[str]) -> list[int]:
     """Turn every I-X that does not continue an X entity into B-X, in place; returns the positions changed."""
     repaired = []
     for i, tag in enumerate(tags):
-        if tag.startswith("I-") and (i == 0 or tags[i - 1][2:] != tag[2:]):
+        if breaks_bio(tags[i - 1] if i else None, tag):
             tags[i] = "B-" + tag[2:]
             repaired.append(i)
     return repaired
@@ -86,15 +91,8 @@ def read_char_tags(path: Path, with_lines: bool = False) -> list[dict]:
 
 def _bio_transitions() -> tuple[np.ndarray, np.ndarray]:
     """(allowed first tags, allowed[i, j]: tag j may follow tag i) as additive scores: 0 or -inf."""
-    n = len(LABELS)
-    first = np.zeros(n)
-    follows = np.zeros((n, n))
-    for j, tag in enumerate(LABELS):
-        if tag.startswith("I-"):
-            first[j] = -np.inf
-            for i, before in enumerate(LABELS):
-                if before[2:] != tag[2:]:  # O, or another type's B or I
-                    follows[i, j] = -np.inf
+    first = np.array([-np.inf if breaks_bio(None, tag) else 0.0 for tag in LABELS])
+    follows = np.array([[-np.inf if breaks_bio(before, tag) else 0.0 for tag in LABELS] for before in LABELS])
     return first, follows
 
 
