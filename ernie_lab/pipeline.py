@@ -215,6 +215,13 @@ def benchmark_order(strategies: list[str], reads: dict) -> list[tuple[str | None
     return order
 
 
+def with_run_id(stage: str, result, run_id: str | None):
+    """A benchmark row names the MLflow run that measured it (runs.csv's `run_id`: its config, logs and metrics)."""
+    if stage == "infer" and isinstance(result, dict) and run_id:
+        return {**result, "run_id": run_id}
+    return result
+
+
 def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: list[str],
                 reads: dict[Variant, frozenset[str]], skipped: list[str]) -> int:
     """`reads`: the variants to benchmark, in the table's order, with the compressions each reads."""
@@ -240,7 +247,7 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
             spent = minutes.setdefault(task, {})
             spent[name] = spent.get(name, 0.0) + found.minutes  # the time it took when it ran
             run_ids[(task, key)] = found.record.get("run_id")
-            return found.result
+            return with_run_id(name, found.result, found.record.get("run_id"))
         started = time.perf_counter()
         try:
             with tracked_run(stage_cfg, name, parent_run_id=parent.run_id) as run:
@@ -250,7 +257,7 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
                                 result.get("seconds_all_attempts", 0.0) / 60 if isinstance(result, dict) else 0.0)
             stages.write_record(name, key, stage_cfg, result, run.run_id, spent_minutes)
             run_ids[(task, key)] = run.run_id
-            return result
+            return with_run_id(name, result, run.run_id)
         except Exception as exc:  # record, report, and go on with the next task
             failures.append(f"{name} {' '.join(extra)}: {type(exc).__name__}: {exc}")
             if name == "infer" and isinstance(exc, EngineCrashed):  # a row of the table, with the crash as its status

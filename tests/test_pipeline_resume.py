@@ -143,9 +143,12 @@ def test_a_killed_pipeline_continues_where_it_stopped_and_ends_as_an_unstopped_o
     assert [(r["task"], r["variant"], r["metric"]) for r in rows] == [
         ("tnews", "tiny+FP32", "accuracy"), ("tnews", "tiny+pruned(w0.67)+FP32", "accuracy")]
     assert float(rows[0]["speedup_vs_fp32"]) == 1.0 and float(rows[0]["delta_vs_fp32"]) == 0.0
+    infer_runs = {r.info.run_id: r for r in find_runs(OmegaConf.create(tracking), "tags.stage = 'infer'")}
     for row in rows:
         original = task_dir(stopped) / "predictions" / Path(row["predictions"]).name.removesuffix(".gz")
         assert gzip.decompress((published / row["predictions"]).read_bytes()) == original.read_bytes()
+        # each row names the MLflow run that measured it, with its config and metrics
+        assert round(infer_runs[row["run_id"]].data.metrics["perf/qps"], 2) == float(row["qps"])
     text = (published / "report.md").read_text()
     assert "- commit: " in text and "- CPU: " in text and "## Hours per task and stage" in text
     assert "| tnews | " in text.split("## Hours per task and stage")[1]
