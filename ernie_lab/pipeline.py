@@ -16,7 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ernie_lab import publish, stages
+from ernie_lab import artifacts, publish, stages
 from ernie_lab.cli import call_stage, check_config, command_errors, prepare_cli, prepare_runtime
 from ernie_lab.config import resolve_runtime
 from ernie_lab.errors import ConfigError, EngineCrashed, ErnieLabError
@@ -61,6 +61,10 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
     check_config(cfg)
     for task in p.tasks:  # each task's stages read its own values (e.g. experiment=quickstart's per-task table)
         check_config(_stage_config(user_overrides, [f"task={task}", *task_overrides(cfg, task)]))
+        if continue_training(cfg, task):  # a second phase's overrides are checked before the first phase runs
+            check_config(_stage_config(user_overrides, [f"task={task}", *task_overrides(cfg, task),
+                                                        *second_phase(cfg, user_overrides, task),
+                                                        *continue_training(cfg, task)]))
     prepare_runtime(cfg, "pipeline")  # this process trains; benchmarks run in children
     int8_engine = int8_runtime(cfg)
     int8_shown = int8_engine or runtime.auto_runtime("int8")[0]
@@ -102,10 +106,12 @@ def task_fingerprint(cfg: DictConfig, user_overrides: list[str], task: str) -> s
     """The settings fingerprint of all of `task`'s stages (stages.task_fingerprint), from the configs asked for,
     not the ones this machine can run."""
     extra = [f"task={task}", *task_overrides(cfg, task)]
+    later = second_phase(cfg, user_overrides, task)
+    second = (_stage_config(user_overrides, [*extra, *later, *continue_training(cfg, task)]) if later else None)
     return stages.task_fingerprint(
         _stage_config(user_overrides, extra),
-        [_stage_config(user_overrides, [*extra, f"strategy={strategy}"]) for strategy in cfg.pipeline.strategies],
-        OmegaConf.to_container(cfg.pipeline.variants, resolve=True))
+        [_stage_config(user_overrides, [*extra, *later, f"strategy={strategy}"]) for strategy in cfg.pipeline.strategies],
+        OmegaConf.to_container(cfg.pipeline.variants, resolve=True), second)
 
 
 def selection_curve(train_cfg: DictConfig, trained: dict, run_id: str | None) -> dict:
@@ -130,6 +136,26 @@ def selection_curve(train_cfg: DictConfig, trained: dict, run_id: str | None) ->
 def task_overrides(cfg: DictConfig, task: str) -> list[str]:
     """`pipeline.task_overrides.<task>`: overrides for that task's stages only (a key that only one task has)."""
     return list((cfg.pipeline.get("task_overrides") or {}).get(task) or [])
+
+
+def continue_training(cfg: DictConfig, task: str) -> list[str]:
+    """`pipeline.continue_training.<task>`: the overrides of a second fine-tuning phase of that task, which starts
+    from the first phase's best checkpoint (e.g. [train.epochs=2, train.learning_rate=5e-5]); [] for one phase."""
+    return list((cfg.pipeline.get("continue_training") or {}).get(task) or [])
+
+
+def second_phase(cfg: DictConfig, user_overrides: list[str], task: str) -> list[str]:
+    """The overrides that put a task's second training phase and every stage after it on the first phase's
+    checkpoint: model.init=checkpoint also gives them a task directory of their own (artifacts.task_dir), so the
+    first phase's checkpoint, exports and records stay as they are. [] when the task has one phase."""
+    if not continue_training(cfg, task):
+        return []
+    first = _stage_config(user_overrides, [f"task={task}", *task_overrides(cfg, task)])
+    if first.model.init == "checkpoint":
+        raise ConfigError(f"pipeline.continue_training.{task}: the first phase must not start from model.init=checkpoint "
+                          "(the second phase starts from the first's checkpoint and writes beside it); "
+                          "use model.init=package, pretrained or random")
+    return ["model.init=checkpoint", f"model.checkpoint_dir='{artifacts.finetuned_dir(first)}'"]
 
 
 def publication_header(cfg: DictConfig, user_overrides: list[str], failures: list[str]) -> list[str]:
@@ -235,9 +261,11 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
     run_ids: dict[tuple[str, str], str | None] = {}  # (task, stage key) -> the MLflow run that made its result
     configs: dict[tuple[str, str], DictConfig] = {}  # (task, stage key) -> the stage's composed config
 
-    def stage(name: str, extra: list[str]):
+    def stage(name: str, extra: list[str], phase: list[str] = ()):
+        """`phase`: overrides of the training phase the stage belongs to, kept out of its key (a second phase's
+        stages have a task directory, and so a record directory, of their own)."""
         task = next(e.split("=", 1)[1] for e in extra if e.startswith("task="))
-        stage_cfg = _stage_config(user_overrides, [*extra, *task_overrides(cfg, task)])
+        stage_cfg = _stage_config(user_overrides, [*extra, *task_overrides(cfg, task), *phase])
         key = stages.stage_key(name, extra)
         configs[(task, key)] = stage_cfg
         found = stages.find_reusable(name, key, stage_cfg) if p.resume else None
@@ -288,16 +316,24 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
             continue
         failed_before, task_results = len(failures), []
         trained = stage("train", [f"task={task}"])
-        if trained is not None:
-            train_key = (task, stages.stage_key("train", [f"task={task}"]))
+        train_key = (task, stages.stage_key("train", [f"task={task}"]))
+        later = second_phase(cfg, user_overrides, task)
+        if trained is not None and later:  # the second phase continues from the first's best checkpoint
+            first = selection_curve(configs[train_key], trained, run_ids.get(train_key))
+            trained = stage("train", [f"task={task}"], [*later, *continue_training(cfg, task)])
+            if trained is not None:
+                selections[task] = {**selection_curve(configs[train_key], trained, run_ids.get(train_key)),
+                                    "first_phase": first}
+        elif trained is not None:
             selections[task] = selection_curve(configs[train_key], trained, run_ids.get(train_key))
+        if trained is not None:
             finished = {}
             for strategy, ready in benchmark_order(strategies, reads):
                 if strategy is not None:
-                    stage("compress", [f"task={task}", f"strategy={strategy}"])
+                    stage("compress", [f"task={task}", f"strategy={strategy}"], later)
                 for v in ready:
                     finished[v] = stage("infer", [f"task={task}", f"strategy={v.strategy}", f"precision={v.precision}",
-                                                  *v.extra])
+                                                  *v.extra], later)
             task_results = [finished[v] for v in variants if finished.get(v) is not None]  # the table's order
         results.extend(task_results)
         machines[task] = stages.machine()

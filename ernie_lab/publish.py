@@ -182,11 +182,19 @@ def selection_section(selections: dict[str, dict]) -> str:
     lines = ["| task | selected on | metric | step: value at each evaluation | best |", "|---|---|---|---|---|"]
     for task in [t for t in TASK_TITLES if t in selections] + sorted(set(selections) - set(TASK_TITLES)):
         s = selections[task]
-        curve = ", ".join(f"{h['step']}: {h[s['metric']]:.2f}" for h in s["history"] if s["metric"] in h) or "-"
-        best = s.get("best") or {}
-        best_text = f"{best['metric']:.2f} at step {best['step']}" if best.get("metric") is not None else "-"
-        lines.append(f"| {TASK_TITLES.get(task, task)} | {s['split']} | {s['metric']} | {curve} | {best_text} |")
+        title = TASK_TITLES.get(task, task)
+        if s.get("first_phase"):  # a second training phase (pipeline.continue_training) started from this one's best
+            lines.append(_selection_row(f"{title}, phase 1", s["first_phase"]))
+            title += ", phase 2 (from phase 1's best)"
+        lines.append(_selection_row(title, s))
     return "\n".join(lines) + "\n"
+
+
+def _selection_row(title: str, s: dict) -> str:
+    curve = ", ".join(f"{h['step']}: {h[s['metric']]:.2f}" for h in s["history"] if s["metric"] in h) or "-"
+    best = s.get("best") or {}
+    best_text = f"{best['metric']:.2f} at step {best['step']}" if best.get("metric") is not None else "-"
+    return f"| {title} | {s['split']} | {s['metric']} | {curve} | {best_text} |"
 
 
 def machine_line(machine: dict) -> str:

@@ -321,6 +321,7 @@ SCHEMA: dict[str, Rule] = {
     "pipeline.int8_runtime": Choice("auto", "cpu", "gpu", "onnxruntime", "openvino"),
     "pipeline.resume": Bool(),
     "pipeline.task_overrides.*": ListOf(Str()),
+    "pipeline.continue_training.*": ListOf(Str()),
     "pipeline.publish_dir": Str(nullable=True),
     # conf/step_benchmark.yaml (python -m ernie_lab.step_benchmark)
     "step_benchmark.shapes": ListOf(ListOf(COUNT, nonempty=True), nonempty=True),

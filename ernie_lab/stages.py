@@ -132,18 +132,22 @@ def fingerprint(stage: str, cfg: DictConfig) -> str | None:
     return artifacts.json_sha256(described)
 
 
-def task_fingerprint(train_cfg: DictConfig, compress_cfgs: list[DictConfig], variants: list) -> str:
+def task_fingerprint(train_cfg: DictConfig, compress_cfgs: list[DictConfig], variants: list,
+                     second_phase_cfg: DictConfig | None = None) -> str:
     """The hash a published task record (ernie_lab.publish) must carry to stand in for all of a task's stages: the
-    settings of its training and of every compression asked for, its benchmark settings and the variants asked for.
-    Not the machine, nor the digests of local artifacts: a record carried in git to a new machine, without them,
-    still stands, with the rows its own machine ran."""
+    settings of its training (and of its second phase, where it has one) and of every compression asked for, its
+    benchmark settings and the variants asked for. Not the machine, nor the digests of local artifacts: a record
+    carried in git to a new machine, without them, still stands, with the rows its own machine ran."""
     root = Path(os.path.normpath(str(train_cfg.paths.root_dir)))
-    return artifacts.json_sha256(_portable({
+    described = {
         "train": settings("train", train_cfg),
         "compress": [settings("compress", cfg) for cfg in compress_cfgs],
         "benchmark": OmegaConf.to_container(train_cfg.benchmark, resolve=True),
         "variants": [list(v) for v in variants],
-    }, root))
+    }
+    if second_phase_cfg is not None:  # absent for one phase, so the records published before phases stay valid
+        described["second_phase"] = settings("train", second_phase_cfg)
+    return artifacts.json_sha256(_portable(described, root))
 
 
 def _portable(value, root: Path):

@@ -5,9 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from omegaconf import OmegaConf
 
 from ernie_lab.config import PROJECT_ROOT
+from ernie_lab.errors import ConfigError
 from ernie_lab.tracking import find_runs
 from tests.conftest import isolated_overrides
 
@@ -98,3 +100,27 @@ def test_task_overrides_reach_only_their_tasks_stages():
         tnews = pipeline._stage_config(user, ["task=tnews", *pipeline.task_overrides(cfg, "tnews")])
     assert cmrc.task.answerless_windows == 0.3 and "answerless_windows" not in tnews.task
     assert cmrc.train.max_steps is None and cmrc.train.learning_rate == 1.0e-4 and tnews.task.max_seq_length == 128
+
+
+def test_a_second_phase_trains_on_its_own_overrides_and_the_later_stages_on_its_checkpoint():
+    from hydra import initialize_config_dir
+
+    from ernie_lab import artifacts, pipeline
+    from tests.conftest import make_cfg
+
+    user = ["experiment=converged"]
+    cfg = make_cfg(user, config_name="pipeline")
+    assert pipeline.continue_training(cfg, "tnews") == [] and pipeline.second_phase(cfg, user, "tnews") == []
+    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        later = pipeline.second_phase(cfg, user, "msra_ner")
+        first = pipeline._stage_config(user, ["task=msra_ner"])
+        second = pipeline._stage_config(user, ["task=msra_ner", *later, *pipeline.continue_training(cfg, "msra_ner")])
+        pruned = pipeline._stage_config(user, ["task=msra_ner", *later, "strategy=dynabert"])
+        with pytest.raises(ConfigError, match="continue_training.msra_ner.*model.init=checkpoint"):
+            pipeline.second_phase(cfg, [*user, "model.init=checkpoint", "model.checkpoint_dir=/x"], "msra_ner")
+    assert second.model.init == "checkpoint" and second.model.checkpoint_dir == str(artifacts.finetuned_dir(first))
+    assert (second.train.epochs, second.train.learning_rate) == (2, 5.0e-5)
+    assert (first.train.epochs, first.train.learning_rate) == (3, 1.5e-4)
+    # the distillation reads the second phase's checkpoint, at the first phase's rate (the phase's overrides are its own)
+    assert artifacts.finetuned_dir(pruned) == artifacts.finetuned_dir(second) != artifacts.finetuned_dir(first)
+    assert pruned.prune.train.learning_rate == 1.5e-4

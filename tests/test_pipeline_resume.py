@@ -61,9 +61,13 @@ def eval_metrics(tmp: Path) -> dict:
 
 
 def weights(tmp: Path, model: str = "finetuned") -> dict:
+    return load_weights(task_dir(tmp) / model)
+
+
+def load_weights(directory: Path) -> dict:
     import paddle
 
-    state = paddle.load(str(task_dir(tmp) / model / "model_state.pdparams"))
+    state = paddle.load(str(directory / "model_state.pdparams"))
     return {k: np.asarray(v) for k, v in state.items()}
 
 
@@ -176,3 +180,29 @@ def test_a_published_task_is_carried_to_a_machine_without_its_artifacts(tmp_path
     changed = pipeline(elsewhere, None, "benchmark.warmup_batches=2")  # another fingerprint: the task runs again
     assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
     assert "carried tnews" not in changed.stdout and "fine-tune tnews" in changed.stdout
+
+
+def test_a_second_training_phase_starts_from_the_first_and_the_variants_read_it(tmp_path):
+    """pipeline.continue_training: phase 2 trains from phase 1's best checkpoint, in a task directory of its own,
+    every compression and benchmark reads phase 2's checkpoint, and the published task is carried with both phases."""
+    phase_two = ['+pipeline.continue_training.tnews=["train.max_steps=4","train.learning_rate=1e-9"]',
+                 "pipeline.strategies=[none]", "pipeline.variants=[[none,fp32]]"]
+    done = pipeline(tmp_path, None, *phase_two)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("fine-tune tnews") == 2
+    first_dir = task_dir(tmp_path)
+    second_dir = tmp_path / "artifacts" / "tiny" / "checkpoint" / "tnews"
+    first, second = weights(tmp_path), load_weights(second_dir / "finetuned")
+    assert first.keys() == second.keys()
+    # at a rate of 1e-9 four steps move no weight by 1e-6: phase 2 began from phase 1's weights, not a fresh init
+    assert all(np.allclose(first[k], second[k], atol=1e-6) for k in first)
+    assert sorted(p.name for p in (first_dir / "stages").glob("*.json")) == ["train.json"]
+    assert sorted(p.name for p in (second_dir / "stages").glob("*.json")) == ["compress-none.json", "infer-none-fp32.json", "train.json"]
+    scored = json.loads((second_dir / "stages" / "infer-none-fp32.json").read_text())["result"]["predictions"]
+    assert Path(scored).is_relative_to(second_dir)
+    text = (tmp_path / "results" / "report.md").read_text()
+    assert "| TNEWS, phase 1 |" in text and "| TNEWS, phase 2 (from phase 1's best) |" in text
+
+    again = pipeline(tmp_path, None, *phase_two)  # the published task stands for both phases
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "carried tnews: all stages carried" in again.stdout and "fine-tune" not in again.stdout
