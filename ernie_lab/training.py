@@ -17,6 +17,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,10 @@ def as_tuple(outputs) -> tuple:
     return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
 
 
-def predict_dygraph(model, task, features: list[dict], batch_size: int) -> list[tuple[np.ndarray, ...]]:
-    """Per-feature outputs of a dygraph model (used for selection during training and for export checks)."""
+def predict_dygraph(model, task, features: list[dict], batch_size: int,
+                    done: Callable[[int], None] | None = None) -> list[tuple[np.ndarray, ...]]:
+    """Per-feature outputs of a dygraph model (used for selection during training and for export checks).
+    `done(n)`: called after each batch with its number of features (a progress bar)."""
     import paddle
 
     model.eval()
@@ -56,6 +59,8 @@ def predict_dygraph(model, task, features: list[dict], batch_size: int) -> list[
             inputs = to_tensors(task.collate(chunk))
             arrays = [t.numpy() for t in as_tuple(model(inputs["input_ids"], token_type_ids=inputs["token_type_ids"]))]
             out.extend(unbatch(chunk, arrays, task.per_token_outputs))
+            if done is not None:
+                done(len(chunk))
     return out
 
 
@@ -250,11 +255,11 @@ class FineTuning:
                         bar.update(job, info=f"loss {recent:.4f}")
                     bar.advance(job)
                     if tc.eval_every_steps and self.step % int(tc.eval_every_steps) == 0:
-                        self.evaluate(epoch)
+                        self.evaluate(epoch, bar)
                     if (save_every and self.step % save_every == 0 and self.step < self.total_steps
                             and batch_index + 1 < self.steps_per_epoch):
                         self.save_state(epoch, batch_index + 1, epoch_rng)  # (the epoch's last step is saved at its end)
-                self.evaluate(epoch)
+                self.evaluate(epoch, bar)
                 if self.step >= self.total_steps:
                     break
                 self.save_state(epoch + 1, 0, self.rng.bit_generator.state)
@@ -293,12 +298,16 @@ class FineTuning:
             return recent
         return None
 
-    def evaluate(self, epoch: int) -> None:
-        """Score the selection split; keep the checkpoint when it is the best so far."""
+    def evaluate(self, epoch: int, bar) -> None:
+        """Score the selection split; keep the checkpoint when it is the best so far. `bar`: the training's
+        progress display, which shows the scoring too (all of CMRC2018's dev windows take ~15 minutes on 2 cores)."""
         if not self.lead:
             return
         task = self.task
-        outputs = predict_dygraph(self.model, task, self.select_features, int(self.cfg.benchmark.batch_size))
+        scoring = bar.add_task(f"select step {self.step}", total=len(self.select_features), info="features")
+        outputs = predict_dygraph(self.model, task, self.select_features, int(self.cfg.benchmark.batch_size),
+                                  lambda n: bar.advance(scoring, n))
+        bar.remove_task(scoring)
         predictions = task.postprocess(self.select_examples, self.select_features, outputs)
         scores = task.metrics(self.select_examples, predictions)
         self.run_log.log_metrics({f"select/{k}": v for k, v in scores.items()}, step=self.step)

@@ -190,6 +190,8 @@ def test_a_second_training_phase_starts_from_the_first_and_the_variants_read_it(
     done = pipeline(tmp_path, None, *phase_two)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("fine-tune tnews") == 2
+    # each selection scoring says how far it is in the log (a finished bar prints its line once)
+    assert re.search(r"^select step \d+ (\d+)/\1 \(100%\)", done.stdout, re.M), done.stdout[-3000:]
     first_dir = task_dir(tmp_path)
     second_dir = tmp_path / "artifacts" / "tiny" / "checkpoint" / "tnews"
     first, second = weights(tmp_path), load_weights(second_dir / "finetuned")
