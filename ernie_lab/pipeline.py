@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -60,11 +61,11 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
     p = cfg.pipeline
     check_config(cfg)
     for task in p.tasks:  # each task's stages read its own values (e.g. experiment=quickstart's per-task table)
-        check_config(_stage_config(user_overrides, [f"task={task}", *task_overrides(cfg, task)]))
-        if continue_training(cfg, task):  # a second phase's overrides are checked before the first phase runs
-            check_config(_stage_config(user_overrides, [f"task={task}", *task_overrides(cfg, task),
-                                                        *second_phase(cfg, user_overrides, task),
-                                                        *continue_training(cfg, task)]))
+        first = _stage_config(user_overrides, [f"task={task}", *task_overrides(cfg, task)])
+        check_config(first)
+        second = training_phases(cfg, first).second
+        if second:  # a second phase's overrides are checked before the first phase runs
+            check_config(_stage_config(user_overrides, [f"task={task}", *task_overrides(cfg, task), *second]))
     prepare_runtime(cfg, "pipeline")  # this process trains; benchmarks run in children
     int8_engine = int8_runtime(cfg)
     int8_shown = int8_engine or runtime.auto_runtime("int8")[0]
@@ -106,12 +107,14 @@ def task_fingerprint(cfg: DictConfig, user_overrides: list[str], task: str) -> s
     """The settings fingerprint of all of `task`'s stages (stages.task_fingerprint), from the configs asked for,
     not the ones this machine can run."""
     extra = [f"task={task}", *task_overrides(cfg, task)]
-    later = second_phase(cfg, user_overrides, task)
-    second = (_stage_config(user_overrides, [*extra, *later, *continue_training(cfg, task)]) if later else None)
+    first = _stage_config(user_overrides, extra)
+    phases = training_phases(cfg, first)
     return stages.task_fingerprint(
-        _stage_config(user_overrides, extra),
-        [_stage_config(user_overrides, [*extra, *later, f"strategy={strategy}"]) for strategy in cfg.pipeline.strategies],
-        OmegaConf.to_container(cfg.pipeline.variants, resolve=True), second)
+        first,
+        [_stage_config(user_overrides, [*extra, *phases.later, f"strategy={strategy}"])
+         for strategy in cfg.pipeline.strategies],
+        OmegaConf.to_container(cfg.pipeline.variants, resolve=True),
+        _stage_config(user_overrides, [*extra, *phases.second]) if phases.second else None)
 
 
 def selection_curve(train_cfg: DictConfig, trained: dict, run_id: str | None) -> dict:
@@ -144,18 +147,27 @@ def continue_training(cfg: DictConfig, task: str) -> list[str]:
     return list((cfg.pipeline.get("continue_training") or {}).get(task) or [])
 
 
-def second_phase(cfg: DictConfig, user_overrides: list[str], task: str) -> list[str]:
-    """The overrides that put a task's second training phase and every stage after it on the first phase's
-    checkpoint: model.init=checkpoint also gives them a task directory of their own (artifacts.task_dir), so the
-    first phase's checkpoint, exports and records stay as they are. [] when the task has one phase."""
-    if not continue_training(cfg, task):
-        return []
-    first = _stage_config(user_overrides, [f"task={task}", *task_overrides(cfg, task)])
+class TrainingPhases(NamedTuple):
+    """How a task's fine-tuning is split (`pipeline.continue_training`). `later`: the overrides that put the second
+    phase and every stage after it on the first phase's best checkpoint (model.init=checkpoint also gives them a
+    task directory of their own, artifacts.task_dir, so the first phase's checkpoint, exports and records stay as
+    they are). `second`: the second phase's overrides, `later` and its own. Both empty for one phase."""
+    later: list[str]
+    second: list[str]
+
+
+def training_phases(cfg: DictConfig, first: DictConfig) -> TrainingPhases:
+    """The phases of the task whose first phase composes to `first` (its training stage's config)."""
+    task = first.task.name
+    own = continue_training(cfg, task)
+    if not own:
+        return TrainingPhases([], [])
     if first.model.init == "checkpoint":
         raise ConfigError(f"pipeline.continue_training.{task}: the first phase must not start from model.init=checkpoint "
                           "(the second phase starts from the first's checkpoint and writes beside it); "
                           "use model.init=package, pretrained or random")
-    return ["model.init=checkpoint", f"model.checkpoint_dir='{artifacts.finetuned_dir(first)}'"]
+    later = ["model.init=checkpoint", f"model.checkpoint_dir='{artifacts.finetuned_dir(first)}'"]
+    return TrainingPhases(later, [*later, *own])
 
 
 def publication_header(cfg: DictConfig, user_overrides: list[str], failures: list[str]) -> list[str]:
@@ -317,10 +329,11 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
         failed_before, task_results = len(failures), []
         trained = stage("train", [f"task={task}"])
         train_key = (task, stages.stage_key("train", [f"task={task}"]))
-        later = second_phase(cfg, user_overrides, task)
-        if trained is not None and later:  # the second phase continues from the first's best checkpoint
+        phases = training_phases(cfg, configs[train_key])
+        later = phases.later
+        if trained is not None and phases.second:  # the second phase continues from the first's best checkpoint
             first = selection_curve(configs[train_key], trained, run_ids.get(train_key))
-            trained = stage("train", [f"task={task}"], [*later, *continue_training(cfg, task)])
+            trained = stage("train", [f"task={task}"], phases.second)
             if trained is not None:
                 selections[task] = {**selection_curve(configs[train_key], trained, run_ids.get(train_key)),
                                     "first_phase": first}

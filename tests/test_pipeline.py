@@ -110,14 +110,17 @@ def test_a_second_phase_trains_on_its_own_overrides_and_the_later_stages_on_its_
 
     user = ["experiment=converged"]
     cfg = make_cfg(user, config_name="pipeline")
-    assert pipeline.continue_training(cfg, "tnews") == [] and pipeline.second_phase(cfg, user, "tnews") == []
     with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        later = pipeline.second_phase(cfg, user, "msra_ner")
+        tnews = pipeline._stage_config(user, ["task=tnews"])
+        assert pipeline.training_phases(cfg, tnews) == ([], [])
         first = pipeline._stage_config(user, ["task=msra_ner"])
-        second = pipeline._stage_config(user, ["task=msra_ner", *later, *pipeline.continue_training(cfg, "msra_ner")])
+        later, second_phase = pipeline.training_phases(cfg, first)
+        assert second_phase == [*later, *pipeline.continue_training(cfg, "msra_ner")]
+        second = pipeline._stage_config(user, ["task=msra_ner", *second_phase])
         pruned = pipeline._stage_config(user, ["task=msra_ner", *later, "strategy=dynabert"])
+        on_checkpoint = pipeline._stage_config(user, ["task=msra_ner", "model.init=checkpoint", "model.checkpoint_dir=/x"])
         with pytest.raises(ConfigError, match="continue_training.msra_ner.*model.init=checkpoint"):
-            pipeline.second_phase(cfg, [*user, "model.init=checkpoint", "model.checkpoint_dir=/x"], "msra_ner")
+            pipeline.training_phases(cfg, on_checkpoint)
     assert second.model.init == "checkpoint" and second.model.checkpoint_dir == str(artifacts.finetuned_dir(first))
     assert (second.train.epochs, second.train.learning_rate) == (2, 5.0e-5)
     assert (first.train.epochs, first.train.learning_rate) == (3, 1.5e-4)
