@@ -300,7 +300,7 @@ class FineTuning:
 
     def evaluate(self, epoch: int, bar) -> None:
         """Score the selection split; keep the checkpoint when it is the best so far. `bar`: the training's
-        progress display, which shows the scoring too (CMRC2018's 8,487 dev windows took 32 minutes on 2 cores)."""
+        progress display, which shows the scoring too (CMRC2018's 7,672 dev windows take ~29 minutes on 2 cores)."""
         if not self.lead:
             return
         task = self.task
