@@ -61,11 +61,12 @@ def run_pipeline(cfg: DictConfig, user_overrides: list[str]) -> int:
     p = cfg.pipeline
     check_config(cfg)
     for task in p.tasks:  # each task's stages read its own values (e.g. experiment=quickstart's per-task table)
-        first = _stage_config(user_overrides, [f"task={task}", *task_overrides(cfg, task)])
+        extra = [f"task={task}", *task_overrides(cfg, task)]
+        first = _stage_config(user_overrides, extra)
         check_config(first)
         second = training_phases(cfg, first).second
         if second:  # a second phase's overrides are checked before the first phase runs
-            check_config(_stage_config(user_overrides, [f"task={task}", *task_overrides(cfg, task), *second]))
+            check_config(_stage_config(user_overrides, [*extra, *second]))
     prepare_runtime(cfg, "pipeline")  # this process trains; benchmarks run in children
     int8_engine = int8_runtime(cfg)
     int8_shown = int8_engine or runtime.auto_runtime("int8")[0]
@@ -330,7 +331,6 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
         trained = stage("train", [f"task={task}"])
         train_key = (task, stages.stage_key("train", [f"task={task}"]))
         phases = training_phases(cfg, configs[train_key])
-        later = phases.later
         if trained is not None and phases.second:  # the second phase continues from the first's best checkpoint
             first = selection_curve(configs[train_key], trained, run_ids.get(train_key))
             trained = stage("train", [f"task={task}"], phases.second)
@@ -343,10 +343,10 @@ def _run_stages(cfg: DictConfig, user_overrides: list[str], parent, strategies: 
             finished = {}
             for strategy, ready in benchmark_order(strategies, reads):
                 if strategy is not None:
-                    stage("compress", [f"task={task}", f"strategy={strategy}"], later)
+                    stage("compress", [f"task={task}", f"strategy={strategy}"], phases.later)
                 for v in ready:
                     finished[v] = stage("infer", [f"task={task}", f"strategy={v.strategy}", f"precision={v.precision}",
-                                                  *v.extra], later)
+                                                  *v.extra], phases.later)
             task_results = [finished[v] for v in variants if finished.get(v) is not None]  # the table's order
         results.extend(task_results)
         machines[task] = stages.machine()
