@@ -163,6 +163,37 @@ def test_distillation_batches_follow_group_by_length(tiny_model, tmp_path):
     assert padded_positions(grouped) < 0.7 * padded_positions(shuffled)
 
 
+def test_a_distillation_stopped_after_its_last_step_resumes_there(tiny_model, tmp_path):
+    """The state saved at the last step stands for the whole distillation: scoring the widths and saving the model
+    come after it (minutes on a large task), and a stop there resumes with no step run again."""
+    import json
+
+    from ernie_lab.compression.dynabert import WidthDistillation
+    from tests.conftest import RecordingRun, task_for
+
+    cfg = make_cfg(["model=tiny", "task.data.limit.train=48", "prune.train.batch_size=16", "prune.train.max_steps=5", "prune.train.epochs=2",
+                    "prune.train.save_every_steps=2", "prune.train.log_every_steps=1"])
+    task = task_for(cfg)
+    features = task.featurize(task.load("train"), training=True)
+    state_dir = tmp_path / "dynabert_state"
+
+    def distillation() -> WidthDistillation:
+        return WidthDistillation(clone(tiny_model), clone(tiny_model), task, features, cfg.prune, [1.0, 0.6667],
+                                 seed=0, run=RecordingRun(), state_dir=state_dir, settings={"case": "last step"})
+
+    first = distillation()
+    finished = first.run({"head_importance": []})
+    saved = json.loads((state_dir / "state.json").read_text())
+    assert saved["step"] == finished["steps"] == 5  # 5 is no multiple of save_every_steps=2
+
+    second = distillation()
+    second.resume(saved)
+    again = second.run(saved["ranking"])
+    assert again["steps"] == 5 and len(second.losses) == 5 and again["loss_last"] == finished["loss_last"]
+    a, b = first.student.state_dict(), second.student.state_dict()
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("dynabert")

@@ -296,7 +296,9 @@ class WidthDistillation:
                                                      step=self.step)
                             bar.update(job, info=f"loss {recent:.4f}")
                         bar.advance(job)
-                        if save_every and self.step % save_every == 0 and self.step < self.total_steps:
+                        # the last step too: what follows it (scoring every width, saving the model) takes
+                        # minutes on a large task, and a stop there must not cost the steps since the last save
+                        if save_every and (self.step % save_every == 0 or self.step == self.total_steps):
                             save_train_state(self.state_dir, self.student, self.optimizer, {
                                 "settings": self.settings, "step": self.step, "epoch": self.epoch,
                                 "batch": batch_index + 1, "epoch_rng": epoch_rng, "losses": self.losses,
