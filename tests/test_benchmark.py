@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from ernie_lab.inference.engine import STAGES, _timed_pass, _warm_up
+from ernie_lab.inference.engine import STAGES, ReadyBatches, _timed_pass, _warm_up
 
 
 class SlowBackend:
@@ -78,6 +78,28 @@ def test_stage_times_account_for_the_wall_clock():
     assert spent["engine"] == pytest.approx(0.05, abs=0.02) and spent["h2d"] == pytest.approx(0.01, abs=0.01)
     stage_sum = sum(spent[s] for s in STAGES)
     assert abs(spent["wall"] - stage_sum) / spent["wall"] < 0.05
+
+
+def test_the_progress_callback_runs_once_a_batch_outside_its_timing(monkeypatch):
+    """The benchmark's bar advances per batch (a pass over a full eval split takes minutes), each time after that
+    batch's clock stopped, so the bar's own cost is in no batch's time."""
+    from ernie_lab.inference import engine
+
+    now, seen = [0.0], []
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: now[0])
+
+    class TickingBackend(SlowBackend):
+        def execute(self):
+            now[0] += 0.01
+
+    def after_batch():
+        now[0] += 1.0  # a slow callback: it must show in the wall time only
+        seen.append(now[0])
+
+    _, spent, per_batch = _timed_pass(TickingBackend(), ReadyBatches([{}] * 4), after_batch)
+    assert len(seen) == 4
+    assert per_batch == pytest.approx([0.01] * 4) and spent["engine"] == pytest.approx(0.04)
+    assert spent["wall"] == pytest.approx(4.04)
 
 
 def test_perf_metrics_report_the_median_pass_and_the_spread():
