@@ -169,10 +169,11 @@ def test_a_distillation_stopped_after_its_last_step_resumes_there(tiny_model, tm
     import json
 
     from ernie_lab.compression.dynabert import WidthDistillation
+    from ernie_lab.training import STATE_FILE
     from tests.conftest import RecordingRun, task_for
 
-    cfg = make_cfg(["model=tiny", "task.data.limit.train=48", "prune.train.batch_size=16", "prune.train.max_steps=5", "prune.train.epochs=2",
-                    "prune.train.save_every_steps=2", "prune.train.log_every_steps=1"])
+    cfg = make_cfg(["model=tiny", "task.data.limit.train=48", "prune.train.batch_size=16", "prune.train.epochs=2",
+                    "prune.train.max_steps=5", "prune.train.save_every_steps=2", "prune.train.log_every_steps=1"])
     task = task_for(cfg)
     features = task.featurize(task.load("train"), training=True)
     state_dir = tmp_path / "dynabert_state"
@@ -183,7 +184,7 @@ def test_a_distillation_stopped_after_its_last_step_resumes_there(tiny_model, tm
 
     first = distillation()
     finished = first.run({"head_importance": []})
-    saved = json.loads((state_dir / "state.json").read_text())
+    saved = json.loads((state_dir / STATE_FILE).read_text())
     assert saved["step"] == finished["steps"] == 5  # 5 is no multiple of save_every_steps=2
 
     second = distillation()
