@@ -134,7 +134,8 @@ def selection_curve(train_cfg: DictConfig, trained: dict, run_id: str | None) ->
         limit = task.data.limit.heldout
         split = f"held-out ({min(task.data.heldout_size, limit or task.data.heldout_size)} train examples)"
     return {"split": split, "metric": TASKS[task.name].primary_metric, "history": history or [],
-            "best": {"step": trained.get("step"), "metric": trained.get("metric")}}
+            "best": {"step": trained.get("step"), "metric": trained.get("metric"),
+                     **({"kept_start": True} if trained.get("kept_from") else {})}}
 
 
 def task_overrides(cfg: DictConfig, task: str) -> list[str]:

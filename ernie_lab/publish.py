@@ -194,6 +194,8 @@ def _selection_row(title: str, s: dict) -> str:
     curve = ", ".join(f"{h['step']}: {h[s['metric']]:.2f}" for h in s["history"] if s["metric"] in h) or "-"
     best = s.get("best") or {}
     best_text = f"{best['metric']:.2f} at step {best['step']}" if best.get("metric") is not None else "-"
+    if best.get("kept_start"):  # no evaluation of this phase beat the checkpoint it started from, which it kept
+        best_text = f"{best['metric']:.2f}, its start's (step {best['step']} there), kept: no evaluation here beat it"
     return f"| {title} | {s['split']} | {s['metric']} | {curve} | {best_text} |"
 
 

@@ -166,6 +166,7 @@ class FineTuning:
         self.train()
         if not self.lead:
             return {"checkpoint": str(self.out_dir), "rank": self.rank}  # rank 0 reports
+        self.keep_better_start()
         # the checkpoint says it is complete before the state that could resume it goes (ernie_lab.stages reads it)
         mark_finished(self.out_dir, self.settings, self.step, self.history)
         shutil.rmtree(self.state_dir, ignore_errors=True)
@@ -323,6 +324,34 @@ class FineTuning:
                          f" (step {self.best['step']})"))
         self.model.train()
 
+    def keep_better_start(self) -> None:
+        """A training that continues a fine-tuned checkpoint (model.init=checkpoint) publishes that checkpoint
+        when none of its own evaluations beat it: its best starts unset, so a second phase that only lost ground
+        would otherwise replace a better model with a worse one. The start's score counts only when it was
+        selected with the same task settings (split, data, lengths), the only scores comparable with this run's."""
+        if self.cfg.model.init != "checkpoint":
+            return
+        start = Path(self.cfg.model.checkpoint_dir)
+        state = artifacts.read_json(start / "training_state.json")
+        start_best = state.get("best") or {}
+        if start_best.get("metric") is None or state.get("task") != self.cfg.task.name:
+            return  # not a checkpoint this project fine-tuned for this task: nothing to compare with
+        if state.get("config") != OmegaConf.to_container(self.cfg.task, resolve=True):
+            console.print(f"[yellow]not compared[/] with the starting checkpoint {start}: it was selected with other "
+                          "task settings, so its score and this run's are not on the same scale")
+            return
+        if start_best["metric"] <= self.best["metric"]:
+            return
+        self.best = {**start_best, "kept_from": str(start)}
+        with artifacts.atomic_dir(self.out_dir) as tmp:
+            for path in start.iterdir():
+                if path.is_file() and path.name != "training_state.json":
+                    shutil.copy2(path, tmp / path.name)
+            write_checkpoint_record(tmp, self.cfg, self.best, self.n_params)
+        console.print(f"[bold]kept the starting checkpoint[/]: its {self.task.primary_metric} {fmt(start_best['metric'])}"
+                      f" (step {start_best.get('step')} of the training that made it) beats this run's best; "
+                      f"copied from {start} to {self.out_dir}")
+
     def save_state(self, epoch: int, batch: int, epoch_rng: dict) -> None:
         """Everything resuming needs, with `epoch_rng` the numpy RNG state that draws `epoch`'s order."""
         if not self.lead:
@@ -356,8 +385,9 @@ class FineTuning:
             ["epoch", "step", *best["scores"].keys()],
             [[h["epoch"], h["step"], *(fmt(h[k]) for k in best["scores"])] for h in self.history],
         ))
-        console.print(f"best {self.task.primary_metric} {best['metric']:.2f} at step {best['step']}; "
-                      f"checkpoint: {self.out_dir}")
+        where = (f"the starting checkpoint's (its step {best['step']}), kept" if best.get("kept_from")
+                 else f"at step {best['step']}")
+        console.print(f"best {self.task.primary_metric} {best['metric']:.2f} {where}; checkpoint: {self.out_dir}")
         if speed:
             pct = f", {speed['train/roofline_pct']:.0f}% of the fp32 GEMM peak" if "train/roofline_pct" in speed else ""
             console.print(f"training steps ran at {speed['train/gflops']:.1f} GFLOP/s{pct}")
@@ -457,13 +487,19 @@ def save_checkpoint(out_dir: Path, model, tokenizer, cfg: DictConfig, best: dict
     with artifacts.atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        (tmp / "training_state.json").write_text(json.dumps({
-            "task": cfg.task.name,
-            "model": cfg.model.name,
-            "model_init": cfg.model.init,
-            "parameters": n_params,
-            "best": best,
-            "created_at": artifacts.now_iso(),
-            "library_versions": artifacts.library_versions(),
-            "config": OmegaConf.to_container(cfg.task, resolve=True),
-        }, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+        write_checkpoint_record(tmp, cfg, best, n_params)
+
+
+def write_checkpoint_record(directory: Path, cfg: DictConfig, best: dict, n_params: int) -> None:
+    """training_state.json: what a checkpoint is (task, model, how it was selected) and the task settings it was
+    selected with."""
+    (directory / "training_state.json").write_text(json.dumps({
+        "task": cfg.task.name,
+        "model": cfg.model.name,
+        "model_init": cfg.model.init,
+        "parameters": n_params,
+        "best": best,
+        "created_at": artifacts.now_iso(),
+        "library_versions": artifacts.library_versions(),
+        "config": OmegaConf.to_container(cfg.task, resolve=True),
+    }, indent=2, ensure_ascii=False, default=str), encoding="utf-8")

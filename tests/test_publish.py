@@ -87,6 +87,23 @@ def test_the_report_shows_each_tasks_selection_curve_and_a_carried_task_keeps_it
     assert "## Fine-tuning" not in publish(results, tmp_path / "bare", ["# x"], {}, []).read_text()
 
 
+def test_a_second_phase_that_kept_its_start_says_so_in_the_report(tmp_path):
+    from ernie_lab.pipeline import selection_curve
+    from tests.conftest import isolated_overrides, make_cfg
+
+    cfg = make_cfg(["model=tiny", "task=msra_ner", *isolated_overrides(tmp_path)])
+    first = selection_curve(cfg, {"metric": 92.18, "step": 4149, "history": [{"step": 4149, "f1": 92.18}]}, None)
+    kept = {"metric": 92.18, "step": 4149, "kept_from": "/a/phase1", "history": [{"step": 1000, "f1": 91.69}]}
+    second = selection_curve(cfg, kept, None)
+    assert second["best"] == {"step": 4149, "metric": 92.18, "kept_start": True}
+    results = [result(tmp_path, "msra_ner", "none", "fp32", 100.0, 92.0)]
+    report = publish(results, tmp_path / "results", ["# x"], {}, [],
+                     selections={"msra_ner": {**second, "first_phase": first}}).read_text()
+    assert "| MSRA_NER, phase 1 | held-out (2000 train examples) | f1 | 4149: 92.18 | 92.18 at step 4149 |" in report
+    assert ("| MSRA_NER, phase 2 (from phase 1's best) | held-out (2000 train examples) | f1 | 1000: 91.69 | "
+            "92.18, its start's (step 4149 there), kept: no evaluation here beat it |") in report
+
+
 def test_a_training_recorded_without_its_curve_gets_it_from_its_mlflow_run(tmp_path):
     """Trainings that ran before a result carried its evaluations (the converged MSRA_NER run) logged them as
     selection_history.json in their MLflow run; the publication reads them there."""

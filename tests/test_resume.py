@@ -217,3 +217,82 @@ def test_train_py_killed_resumes_in_a_new_process(tmp_path):
     assert sorted(runs) == ["FINISHED", "RUNNING"]  # nothing can close a run killed with SIGKILL
     assert runs["FINISHED"].data.tags["resumed_from_step"] == "3"
     assert runs["FINISHED"].data.metrics["train/steps"] == 12
+
+
+# ---- a second phase (model.init=checkpoint) against the checkpoint it starts from ---------------------------
+# Phase 2's own selection scores are shifted by a fixed offset, so that the test decides whether it beats phase 1:
+# what is tested is the comparison and what ends in the checkpoint, not how well a tiny model learns.
+
+REAL_METRICS = TnewsTask.metrics
+
+
+def shift_scores(monkeypatch, offset: float) -> None:
+    def shifted(self, examples, predictions):
+        return {k: v + offset for k, v in REAL_METRICS(self, examples, predictions).items()}
+
+    monkeypatch.setattr(TnewsTask, "metrics", shifted)
+
+
+@pytest.fixture(scope="module")
+def first_phase(tmp_path_factory):
+    """A finished phase 1: its checkpoint directory and the training_state.json written there."""
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        cfg = cfg_in(tmp_path_factory.mktemp("phase1"))
+        train(cfg, monkeypatch)
+    finally:
+        monkeypatch.undo()
+    out = artifacts.finetuned_dir(cfg)
+    return out, json.loads((out / "training_state.json").read_text())
+
+
+def second_phase_cfg(workdir, start, *extra):
+    # 6 steps: a state at step 3, evaluations at steps 4 and 6
+    return cfg_in(workdir, "model.init=checkpoint", f"model.checkpoint_dir={start}", "train.max_steps=6",
+                  "train.learning_rate=1e-2", *extra)
+
+
+@pytest.mark.parametrize("interrupt_at", [None, 5])
+def test_a_second_phase_that_never_beats_its_start_publishes_the_start(first_phase, tmp_path, monkeypatch, capsys,
+                                                                       interrupt_at):
+    start, start_state = first_phase
+    cfg = second_phase_cfg(tmp_path, start)
+    shift_scores(monkeypatch, -50.0)
+    if interrupt_at:  # stopped after its state at step 3 and resumed: the resumed run makes the same comparison
+        with pytest.raises(Interrupted):
+            train(cfg, monkeypatch, interrupt_at=interrupt_at)
+        assert json.loads((artifacts.train_state_dir(cfg) / training.STATE_FILE).read_text())["step"] == 3
+    result, run, _ = train(second_phase_cfg(tmp_path, start), monkeypatch)
+
+    out = artifacts.finetuned_dir(cfg)
+    assert out != start
+    own_best = max(h["accuracy"] for h in result["history"])
+    assert [h["step"] for h in result["history"]] == [4, 6] and own_best < start_state["best"]["metric"]
+    assert result["metric"] == start_state["best"]["metric"] and result["step"] == start_state["best"]["step"]
+    assert result["kept_from"] == str(start)
+    assert (out / "model_state.pdparams").read_bytes() == (start / "model_state.pdparams").read_bytes()
+    saved = json.loads((out / "training_state.json").read_text())
+    assert saved["best"]["kept_from"] == str(start) and saved["model_init"] == "checkpoint"
+    assert saved["finished"]["steps"] == 6 and saved["history"] == result["history"]  # this phase's curve
+    assert run.metrics["best/accuracy"] == start_state["best"]["metric"]
+    assert "kept the starting checkpoint" in capsys.readouterr().out
+
+
+def test_a_second_phase_that_beats_its_start_keeps_its_own(first_phase, tmp_path, monkeypatch):
+    start, start_state = first_phase
+    cfg = second_phase_cfg(tmp_path, start)
+    shift_scores(monkeypatch, +50.0)
+    result, _, weights = train(cfg, monkeypatch)
+    assert "kept_from" not in result and result["metric"] > start_state["best"]["metric"]
+    assert result["metric"] == max(h["accuracy"] for h in result["history"])
+    # at a rate of 1e-2 six steps move the weights: the checkpoint is this phase's, not the start's
+    out = artifacts.finetuned_dir(cfg)
+    assert (out / "model_state.pdparams").read_bytes() != (start / "model_state.pdparams").read_bytes()
+
+
+def test_a_start_selected_with_other_task_settings_is_not_compared(first_phase, tmp_path, monkeypatch, capsys):
+    start, start_state = first_phase
+    shift_scores(monkeypatch, -50.0)
+    result, _, _ = train(second_phase_cfg(tmp_path, start, "task.data.heldout_size=24"), monkeypatch)
+    assert "kept_from" not in result and result["metric"] < start_state["best"]["metric"]
+    assert "not compared with the starting checkpoint" in capsys.readouterr().out
