@@ -282,7 +282,7 @@ def test_a_second_phase_that_beats_its_start_keeps_its_own(first_phase, tmp_path
     start, start_state = first_phase
     cfg = second_phase_cfg(tmp_path, start)
     shift_scores(monkeypatch, +50.0)
-    result, _, weights = train(cfg, monkeypatch)
+    result, _, _ = train(cfg, monkeypatch)
     assert "kept_from" not in result and result["metric"] > start_state["best"]["metric"]
     assert result["metric"] == max(h["accuracy"] for h in result["history"])
     # at a rate of 1e-2 six steps move the weights: the checkpoint is this phase's, not the start's
