@@ -83,6 +83,17 @@ def _handle(signum: int, frame) -> None:
     raise Stopped(signum)
 
 
+def as_stop(exc: BaseException) -> BaseException:
+    """The stop behind `exc` once a stop has arrived, else `exc`. Libraries that catch what they call and raise
+    their own error hide the stop: OmegaConf turns any error inside it into a ConfigKeyError, and a `finally` can
+    fail on state the stop left half-done. The run would then be closed as FAILED and exit with status 1."""
+    if not _received or isinstance(exc, Stopped):
+        return exc
+    stop = Stopped(_received[0]).with_traceback(exc.__traceback__)  # where the work was when it stopped
+    stop.__cause__ = exc
+    return stop
+
+
 @contextlib.contextmanager
 def held() -> Iterator[None]:
     """A section a stop must not cut: a stop that arrives inside is raised when the outermost section ends."""

@@ -180,15 +180,21 @@ def tracked_run(cfg: DictConfig, stage: str, run_name: str | None = None,
         tags["sweep_id"] = os.environ.get(SWEEP_ID_ENV, parent)
     tracked = None
     try:
-        tracked = TrackedRun(client, client.create_run(exp_id, tags=tags).info.run_id)
-        resolved = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
-        tracked.log_params(flatten(resolved))
-        tracked.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
+        # a stop while the run is set up lands once the run exists and holds its config, so that it closes as
+        # KILLED: cut between create_run and the assignment, the run stayed RUNNING
+        with signals.held():
+            tracked = TrackedRun(client, client.create_run(exp_id, tags=tags).info.run_id)
+            resolved = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+            tracked.log_params(flatten(resolved))
+            tracked.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
         yield tracked
     except BaseException as exc:
+        stop = signals.as_stop(exc)
         if tracked is not None:
-            close_failed(tracked, exc)
-        raise
+            close_failed(tracked, stop)
+        if stop is exc:
+            raise
+        raise stop from exc
     else:
         client.set_terminated(tracked.run_id, "FINISHED")
 

@@ -223,3 +223,52 @@ except signals.Stopped as stop:
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "['write finished'] SIGINT", proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("where", ["setup", "body"])
+def test_a_stop_that_a_library_turns_into_its_own_error_still_closes_the_run_as_killed(tmp_path, where):
+    # CI once sent SIGTERM while the run's config was being written: OmegaConf raised a ConfigKeyError in place of
+    # the stop, the run was closed as FAILED and the command exited with 1. Here a stand-in for such a library
+    # catches the stop and raises its own error, once in the run's set-up and once in the stage's body.
+    script = f"""
+import os, signal, sys
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError
+from ernie_lab import signals, tracking
+from tests.conftest import isolated_overrides, make_cfg
+from pathlib import Path
+
+signals.install()
+cfg = make_cfg(["model=tiny", *isolated_overrides(Path({str(tmp_path)!r}))])
+to_yaml = OmegaConf.to_yaml
+
+def library(*args, **kwargs):
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+    except signals.Stopped:
+        raise ConfigKeyError("'NoneType' object has no attribute '_invalidate_flags_cache'")
+    return to_yaml(*args, **kwargs)
+
+if {where!r} == "setup":
+    tracking.OmegaConf.to_yaml = library
+try:
+    with tracking.tracked_run(cfg, "train") as run:
+        run.log_metrics({{"train/loss": 1.0}})
+        library(cfg)
+        print("not reached")
+except signals.Stopped as stop:
+    print("raised", stop.signame, type(stop.__cause__).__name__ if stop.__cause__ else None)
+    sys.exit(stop.code)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stdout + proc.stderr[-3000:]
+    # in the set-up the stop waits for the run to exist (no library error); in the body the library's error is
+    # kept as the cause
+    cause = "None" if where == "setup" else "ConfigKeyError"
+    assert f"raised SIGTERM {cause}" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    runs = _rows(tmp_path / "mlflow.db", "select run_uuid, status from runs")
+    assert [status for _, status in runs] == ["KILLED"], runs
+    tags = dict(_rows(tmp_path / "mlflow.db", "select key, value from tags where key in ('error', 'stopped_at')"))
+    assert tags["error"] == "Stopped: stopped by SIGTERM" and "ernie_lab/" in tags["stopped_at"], tags
+    params = _rows(tmp_path / "mlflow.db", "select 1 from params where key = 'model.name'")
+    assert params, "the run's config was not logged before the stop was raised"
