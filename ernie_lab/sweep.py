@@ -72,6 +72,8 @@ class SweepCallback(Callback):
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
 
+        if self.parent_id is None:  # a single run: no sweep to report to, and Hydra gives it no job number
+            return
         line = None
         if job_return.status == JobStatus.FAILED:
             overrides = " ".join(job_return.overrides or [])

@@ -110,3 +110,17 @@ def test_a_stop_inside_a_helper_names_the_stage_that_called_it(helper):
     where = stopped_at(_raise_through("cli.py", "training.py", helper, "signals.py"))
     assert where == f"ernie_lab/training.py:2 in f1 > ernie_lab/{helper}:2 in f2"
     assert stopped_at(_raise_through("cli.py", "training.py", "signals.py")) == "ernie_lab/training.py:2 in f1"
+
+
+def test_a_failed_single_run_leaves_the_sweep_callback_quiet():
+    """Outside a multirun Hydra has no job number (`???`); the callback once read it for the failed-job line and
+    Hydra printed a MissingMandatoryValue warning under the run's own error."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    from ernie_lab.sweep import SweepCallback
+
+    callback = SweepCallback()
+    job = OmegaConf.create({"hydra": {"job": {"num": "???"}}})
+    callback.on_job_end(job, JobReturn(overrides=["model=tiny"], status=JobStatus.FAILED, _return_value=ValueError("x")))
+    assert callback.failed == [] and callback.done == 0
